@@ -266,7 +266,7 @@ def sym_to_triu(h: jnp.ndarray) -> jnp.ndarray:
 
 
 def q_value(theta: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
-    """Quadratic Q-function ``q(z) = zᵀ H z``, ``H = triu_to_sym(theta)``, ``z`` of shape ``(b, n_z)``.
+    """Quadratic Q-function ``q(z) = zᵀ H z``, ``H = triu_to_sym(theta)``, ``z`` ``(b, n_z)``.
 
     Linear in ``theta`` (features ``z_i z_j``, doubled off the diagonal); returns shape ``(b,)``.
     """
