@@ -1,4 +1,46 @@
-"""gaussnewton: exact and stochastic Gauss-Newton training for JAX models."""
+"""gaussnewton: exact and stochastic Gauss-Newton training for JAX models.
+
+The centre is :func:`egn` — the Levenberg-Marquardt direction of the mini-batch generalized
+Gauss-Newton matrix, solved exactly in the small row space — with Armijo line search, adaptive
+damping and momentum. See ``METHODS.md`` for the mathematics.
+"""
+
+from gaussnewton.adapters import from_equinox, from_nnx
+from gaussnewton.damping import AdaptiveDamping
+from gaussnewton.directions import DirectionInfo, egn_direction
+from gaussnewton.gram import empirical_ntk, register_strategy
+from gaussnewton.linesearch import Armijo
+from gaussnewton.losses import (
+    ConvexLoss,
+    Loss,
+    SigmoidBinaryCrossEntropy,
+    SoftmaxCrossEntropy,
+    SquaredError,
+    get_loss,
+)
+from gaussnewton.optax_bridge import as_optax
+from gaussnewton.optimizer import GaussNewtonOptimizer, GaussNewtonState, StepInfo, egn
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+
+__all__ = [
+    "AdaptiveDamping",
+    "Armijo",
+    "ConvexLoss",
+    "DirectionInfo",
+    "GaussNewtonOptimizer",
+    "GaussNewtonState",
+    "Loss",
+    "SigmoidBinaryCrossEntropy",
+    "SoftmaxCrossEntropy",
+    "SquaredError",
+    "StepInfo",
+    "as_optax",
+    "egn",
+    "egn_direction",
+    "empirical_ntk",
+    "from_equinox",
+    "from_nnx",
+    "get_loss",
+    "register_strategy",
+]

@@ -1,0 +1,80 @@
+r"""Damping (λ) policies (METHODS §2.2): constant, a schedule of the step count, or adaptive.
+
+Adaptive (Levenberg-Marquardt gain ratio) on the same batch, with ``Δ`` the applied update:
+
+.. math:: ρ = \frac{L(w + Δ) − L(w)}{∇L^\top Δ + \tfrac12 Δ^\top H Δ}, \qquad
+          λ ← \begin{cases} λ · \text{increase} & ρ < \text{lower} \\
+                             λ · \text{decrease} & ρ > \text{upper} \\ λ & \text{otherwise}\end{cases}
+
+clamped to ``[min, max]``. A non-finite or non-negative predicted decrease counts as a failure
+(``ρ < lower``). Defaults ``increase = 3/2``, ``decrease = 2/3`` (Martens; Nocedal-Wright); the EGN
+authors' code used ``1.01 / 0.99``.
+
+Example:
+    >>> import gaussnewton as gn
+    >>> policy = gn.AdaptiveDamping(increase=1.5, decrease=2 / 3, min=1e-6, max=1e4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["AdaptiveDamping", "gain_ratio"]
+
+
+def gain_ratio(actual: jax.Array, predicted: jax.Array) -> jax.Array:
+    """``ρ = actual / predicted``; ``−inf`` when ``predicted`` is non-finite or ``≥ 0`` (failure)."""
+    ok = jnp.isfinite(predicted) & (predicted < 0) & jnp.isfinite(actual)
+    return jnp.where(ok, actual / jnp.where(ok, predicted, -1.0), -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveDamping:
+    """Gain-ratio (trust-region style) λ update; see the module docstring."""
+
+    increase: float = 1.5
+    decrease: float = 2.0 / 3.0
+    min: float = 1e-8
+    max: float = 1e8
+    lower: float = 0.25
+    upper: float = 0.75
+
+    def __post_init__(self):
+        if not self.increase > 1.0:
+            raise ValueError(f"AdaptiveDamping(increase={self.increase!r}): must be > 1, e.g. 1.5.")
+        if not 0.0 < self.decrease < 1.0:
+            raise ValueError(
+                f"AdaptiveDamping(decrease={self.decrease!r}): must lie in (0, 1), e.g. 2/3."
+            )
+        if not 0.0 <= self.min <= self.max:
+            raise ValueError(
+                f"AdaptiveDamping(min={self.min!r}, max={self.max!r}): need 0 <= min <= max."
+            )
+        if not self.lower <= self.upper:
+            raise ValueError(
+                f"AdaptiveDamping(lower={self.lower!r}, upper={self.upper!r}): need lower <= upper."
+            )
+
+    def update(self, lam: jax.Array, rho: jax.Array) -> jax.Array:
+        """The next λ from the gain ratio ``rho`` (``−inf``/NaN count as failures)."""
+        fail = jnp.logical_not(rho >= self.lower)
+        factor = jnp.where(fail, self.increase, jnp.where(rho > self.upper, self.decrease, 1.0))
+        return jnp.clip(lam * factor, self.min, self.max).astype(lam.dtype)
+
+    def on_rejected(self, lam: jax.Array) -> jax.Array:
+        """λ after a rejected (non-finite) step: treated as a failure."""
+        return jnp.clip(lam * self.increase, self.min, self.max).astype(lam.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fixed:
+    """Constant λ or an optax-style schedule ``count -> λ`` (no adaptation)."""
+
+    def update(self, lam: jax.Array, rho: jax.Array) -> jax.Array:
+        return lam
+
+    def on_rejected(self, lam: jax.Array) -> jax.Array:
+        return lam

@@ -1,0 +1,185 @@
+r"""The exact Gauss-Newton (Levenberg-Marquardt) direction, solved in the row space (METHODS.md §2).
+
+Parameter space (the definition, ``d`` unknowns):
+
+.. math:: d = -(H + λI)^{-1} \nabla L, \qquad H = \tfrac1b J^\top Q J,\quad \nabla L = \tfrac1b J^\top g .
+
+Row space (what is computed, ``b·c`` or ``b·m`` unknowns):
+
+* ``Q = I`` (squared error): push-through, ``d = -Jᵀ (K + bλI)^{-1} g`` — one Cholesky.
+* any other curvature ``Q = S Sᵀ`` with ``S`` of shape ``(b, c, r)`` (exact factor, ``r = c``; or the
+  sampled factor, ``r = m``): Woodbury on ``λI + Jᵀ S Sᵀ J / b``,
+
+  .. math:: d = -\tfrac{1}{λ} J^\top\Big(\tfrac{g}{b} - S v\Big), \qquad
+            v = (S^\top K S + bλI)^{-1} S^\top J \nabla L ,
+
+  which is exact for any ``S`` — also when ``g`` is not in the range of ``S`` (sampled curvature) —
+  and needs only ``Sᵀ K S`` (the Gram of the projected outputs ``Sᵀ f``, ``(b r)²`` entries) and one
+  JVP (``J ∇L``). The system matrix is SPD, so it is one Cholesky, never the non-symmetric ``QK``.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import gaussnewton as gn
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+    >>> p = {"w1": jnp.ones((3, 4)) * 0.1, "w2": jnp.ones((4, 2)) * 0.1}
+    >>> x, y = jnp.ones((5, 3)), jnp.zeros((5, 2))
+    >>> d, info = gn.egn_direction(fn, p, x, y, loss="squared_error", damping=1e-3)
+    >>> jax.tree_util.tree_structure(d) == jax.tree_util.tree_structure(p)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
+from gaussnewton.gram import as_2d
+from gaussnewton.gram import gram as compute_gram
+from gaussnewton.linalg import solve_damped_spd
+from gaussnewton.losses import Loss, LossLike, get_loss
+
+PyTree = Any
+
+__all__ = ["egn_direction", "DirectionInfo", "CURVATURES"]
+
+CURVATURES = ("exact", "sampled")
+
+
+class DirectionInfo(NamedTuple):
+    """What :func:`egn_direction` reports: the batch loss, gradient and slope of the direction."""
+
+    loss: jax.Array
+    grad: PyTree
+    grad_norm: jax.Array
+    direction_norm: jax.Array
+    directional_derivative: jax.Array
+
+
+class _Linearization(NamedTuple):
+    """Everything one step needs at the current point (internal)."""
+
+    loss: jax.Array  # mean loss
+    grad: PyTree  # ∇L
+    direction: PyTree  # d (descent sign included)
+    factor: jax.Array  # S, (b, c, r): the curvature used, for the ρ model
+    identity: bool  # Q = I (S not materialized)
+
+
+def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
+    if curvature == "exact":
+        return loss.factor(f, y)
+    if key is None:
+        raise ValueError(
+            "curvature='sampled' needs a PRNG key: pass key=jax.random.key(...) (the optimizers draw it "
+            "from their state when step(..., key=None))."
+        )
+    return jax.lax.stop_gradient(loss.sample_factor(f, y, key, num_samples))
+
+
+def linearize_and_solve(
+    model_fn,
+    params: PyTree,
+    x: PyTree,
+    y: jax.Array,
+    *,
+    loss: Loss,
+    damping: jax.Array,
+    gram_strategy: str = "auto",
+    curvature: str = "exact",
+    num_samples: int = 1,
+    key: jax.Array | None = None,
+) -> _Linearization:
+    """batch → outputs, loss, g, S → Gram → row-space solve → one VJP back (internal workhorse)."""
+    fn = as_2d(model_fn)
+    f, vjp_fn = jax.vjp(lambda p: fn(p, x), params)
+    y = loss.prepare_labels(f, y)
+    b = f.shape[0]
+    value = jnp.mean(loss.value(f, y))
+    g = loss.grad(f, y)
+    dt = compute_dtype(f.dtype)
+    lam = jnp.asarray(damping, dt)
+    blam = b * lam
+
+    if loss.identity_curvature and curvature == "exact":
+        k = compute_gram(fn, params, x, strategy=gram_strategy)
+        n = k.shape[0] * k.shape[1]
+        u = solve_damped_spd(k.reshape(n, n), blam, g.reshape(n).astype(dt)).reshape(g.shape)
+        cot = jnp.stack([g / b, -u.astype(f.dtype)])
+        both = jax.vmap(lambda c: vjp_fn(c)[0])(cot)
+        grad = jax.tree_util.tree_map(lambda a: a[0], both)
+        direction = jax.tree_util.tree_map(lambda a: a[1], both)
+        return _Linearization(value, grad, direction, jnp.zeros((b, g.shape[1], 0), f.dtype), True)
+
+    s = _curvature_factor(loss, f, y, curvature, num_samples, key)  # (b, c, r)
+    r = s.shape[-1]
+    (grad,) = vjp_fn((g / b).astype(f.dtype))
+    _, jgrad = jax.jvp(lambda p: fn(p, x), (params,), (grad,))  # J ∇L, (b, c)
+    w = jnp.einsum("bcr,bc->br", s.astype(dt), jgrad.astype(dt))  # Sᵀ J ∇L
+
+    def projected(p, xs):
+        xx, ss = xs
+        return jnp.einsum("bc,bcr->br", fn(p, xx), ss)
+
+    ks = compute_gram(projected, params, (x, jax.lax.stop_gradient(s)), strategy=gram_strategy)
+    v = solve_damped_spd(ks.reshape(b * r, b * r), blam, w.reshape(b * r)).reshape(b, r)
+    cot = (g.astype(dt) / b - jnp.einsum("bcr,br->bc", s.astype(dt), v)) / lam
+    (direction,) = vjp_fn(-cot.astype(f.dtype))
+    return _Linearization(value, grad, direction, s, False)
+
+
+def egn_direction(
+    model_fn,
+    params: PyTree,
+    x: PyTree,
+    y: jax.Array,
+    *,
+    loss: LossLike,
+    damping: float | jax.Array,
+    gram: str = "auto",
+    curvature: str = "exact",
+    num_samples: int = 1,
+    key: jax.Array | None = None,
+) -> tuple[PyTree, DirectionInfo]:
+    r"""The EGN (Levenberg-Marquardt) direction ``d = −(H + λI)⁻¹ ∇L`` on one mini-batch.
+
+    Args:
+        model_fn: ``model_fn(params, x) -> (b, c)`` (or ``(b,)``) outputs.
+        params: any pytree of arrays.
+        x: inputs, a pytree of arrays with leading batch axis ``b``.
+        y: labels (see :mod:`gaussnewton.losses` for the shapes each loss takes).
+        loss: a loss name or :class:`~gaussnewton.losses.Loss`.
+        damping: ``λ > 0`` (``λ ≥ 0`` for squared error).
+        gram: Gram strategy name (``"auto"``, ``"jacobian"``, ``"matvec"``, ...).
+        curvature: ``"exact"`` (``Q``) or ``"sampled"`` (Monte-Carlo factor with ``num_samples``
+            columns per example, needs ``key``).
+
+    Returns:
+        ``(d, info)`` with ``d`` shaped like ``params`` (``params + d`` is the full LM step) and a
+        :class:`DirectionInfo`.
+    """
+    loss_obj = get_loss(loss)
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature={curvature!r} is unknown; use one of {CURVATURES}.")
+    lin = linearize_and_solve(
+        model_fn,
+        params,
+        x,
+        y,
+        loss=loss_obj,
+        damping=damping,
+        gram_strategy=gram,
+        curvature=curvature,
+        num_samples=num_samples,
+        key=key,
+    )
+    info = DirectionInfo(
+        loss=lin.loss,
+        grad=lin.grad,
+        grad_norm=tree_norm(lin.grad),
+        direction_norm=tree_norm(lin.direction),
+        directional_derivative=tree_vdot(lin.grad, lin.direction),
+    )
+    return lin.direction, info
