@@ -84,12 +84,15 @@ class GaussNewtonState(NamedTuple):
     momentum: PyTree
     tx_state: PyTree
     key: jax.Array
+    method_state: PyTree = ()
 
 
 class Linearization(NamedTuple):
     """What a direction function returns at the current point.
 
-    ``quad(Δ)`` is the model curvature term ``½ Δᵀ H Δ`` used by the gain ratio.
+    ``quad(Δ)`` is the model curvature term ``½ Δᵀ H Δ`` used by the gain ratio. ``method_state``
+    is the method's own state for the next step (e.g. a CG warm start or an L-BFGS history); it is
+    kept only when the step is accepted.
     """
 
     loss: jax.Array
@@ -98,9 +101,11 @@ class Linearization(NamedTuple):
     quad: Callable[[PyTree], jax.Array]
     cg_iters: jax.Array | int = 0
     cg_residual: jax.Array | float = 0.0
+    method_state: PyTree = ()
 
 
-DirectionFn = Callable[[PyTree, PyTree, jax.Array, jax.Array, jax.Array], Linearization]
+# direction_fn(params, x, y, λ, key, method_state) -> Linearization
+DirectionFn = Callable[[PyTree, PyTree, jax.Array, jax.Array, jax.Array, PyTree], Linearization]
 
 
 def _raw_key(key: jax.Array | None) -> jax.Array:
@@ -132,6 +137,7 @@ class GaussNewtonOptimizer:
     momentum: float
     tx: optax.GradientTransformation | None
     name: str = "egn"
+    init_method_state: Callable[[PyTree], PyTree] | None = None
 
     # ----------------------------------------------------------------------------------- init
     def init(self, params: PyTree, key: jax.Array | None = None) -> GaussNewtonState:
@@ -149,6 +155,7 @@ class GaussNewtonOptimizer:
             momentum=tree_zeros_like(params) if self.momentum else (),
             tx_state=self.tx.init(params) if self.tx is not None else (),
             key=_raw_key(key),
+            method_state=self.init_method_state(params) if self.init_method_state else (),
         )
 
     # ----------------------------------------------------------------------------------- step
@@ -164,7 +171,7 @@ class GaussNewtonOptimizer:
         dt = state.damping.dtype
         key, next_key = self._keys(state, key)
         lam = self._damping_now(state)
-        lin = self.direction_fn(params, x, y, lam, key)
+        lin = self.direction_fn(params, x, y, lam, key, state.method_state)
         d, momentum = self._apply_momentum(lin.direction, state)
         d, tx_state = self._apply_tx(d, state.tx_state, params)
         slope = tree_vdot(lin.grad, d).astype(dt)
@@ -191,6 +198,7 @@ class GaussNewtonOptimizer:
             momentum=momentum,
             tx_state=tx_state,
             key=next_key,
+            method_state=lin.method_state,
         )
         rejected_state = state._replace(damping=self.damping_policy.on_rejected(state.damping))
         out_params = tree_select(ok, new_params, params)
@@ -394,7 +402,8 @@ def egn(
         raise TypeError(f"tx={tx!r} must be an optax GradientTransformation (or None).")
     fn = as_2d(model_fn)
 
-    def direction_fn(params, x, y, lam, key):
+    def direction_fn(params, x, y, lam, key, method_state):
+        del method_state
         lin = linearize_and_solve(
             fn,
             params,
