@@ -1,0 +1,243 @@
+"""The ``gaussnewton`` command line: ``gaussnewton list`` and ``gaussnewton run EXPERIMENT``.
+
+Examples::
+
+    gaussnewton run california_housing                 # the main job (EGN vs Adam vs SGD)
+    gaussnewton run california_housing --optimizers egn,adam --steps 300 --seeds 1 --out /tmp/ch
+    gaussnewton run diamonds --tune --seeds 3           # tune on validation, report on test
+    gaussnewton run california_housing --set egn.damping=0.01 --set batch_size=64
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["egn.damping=0.01", "batch_size=64"]`` -> ``{"egn": {"damping": 0.01}, "*": {...}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects NAME=VALUE or OPTIMIZER.NAME=VALUE, got {item!r}.")
+        name, value = item.split("=", 1)
+        opt, _, key = name.rpartition(".")
+        out.setdefault(opt or "*", {})[key] = _value(value)
+    return out
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--option expects NAME=VALUE, got {item!r}.")
+        k, v = item.split("=", 1)
+        out[k] = _value(v)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    p = argparse.ArgumentParser(
+        prog="gaussnewton",
+        description="Exact Gauss-Newton (EGN) experiments: offline data, EGN vs Adam vs SGD.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list experiments, optimizers and data sets")
+    r = sub.add_parser("run", help="run an experiment (see `gaussnewton list`)")
+    r.add_argument("experiment")
+    r.add_argument("--optimizers", help="comma-separated optimizer names (default: experiment's)")
+    r.add_argument("--steps", type=int, help="training steps per run")
+    r.add_argument("--seeds", type=int, help="number of seeds (0..K-1)")
+    r.add_argument("--seed-list", help="explicit comma-separated seeds (overrides --seeds)")
+    r.add_argument("--out", help="output folder (default results/<experiment>)")
+    r.add_argument("--batch-size", type=int, help="mini-batch size")
+    r.add_argument("--eval-every", type=int, help="evaluate every N steps")
+    r.add_argument("--time-budget", type=float, help="training seconds per run (stops early)")
+    r.add_argument("--tune", action="store_true", help="tune each optimizer on validation first")
+    r.add_argument("--tune-steps", type=int, help="steps of each tuning run (default --steps)")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[OPT.]NAME=VALUE",
+        help="hyper-parameter override, e.g. egn.damping=0.01 or learning_rate=0.01 (all)",
+    )
+    r.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="experiment option override, e.g. model='cnn'",
+    )
+    r.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    r.add_argument("--quiet", action="store_true", help="no progress bar, only the final table")
+    return p
+
+
+def _cmd_list() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gaussnewton.experiments.registry import list_datasets, list_experiments, list_optimizers
+
+    console = Console()
+    t = Table(title="experiments (gaussnewton run NAME)")
+    for col in ("name", "metric", "defaults", "description"):
+        t.add_column(col)
+    for name, spec in list_experiments().items():
+        d = f"{','.join(spec.default_optimizers)}; {spec.default_steps} steps x {spec.default_seeds}"
+        t.add_row(name, spec.metric, d, spec.description)
+    console.print(t)
+    t = Table(title="optimizers (--optimizers a,b,c)")
+    for col in ("name", "defaults", "grid size", "description"):
+        t.add_column(col)
+    for name, spec in list_optimizers().items():
+        t.add_row(name, str(dict(spec.defaults)), str(len(spec.grid)), spec.description)
+    console.print(t)
+    t = Table(title="data sets")
+    t.add_column("name")
+    t.add_column("description")
+    for name, spec in list_datasets().items():
+        t.add_row(name, spec.description)
+    console.print(t)
+    return 0
+
+
+class _RichReporter:
+    """Progress bar over all planned training steps, one line per finished run."""
+
+    def __init__(self, console, quiet: bool):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = console
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[metric]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet,
+        )
+        self.task = None
+        self.done_before = 0
+        self.run_steps = 0
+        self.current = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def plan(self, total_steps):
+        self.task = self.progress.add_task("starting", total=total_steps, metric="")
+
+    def start(self, label, steps):
+        self.run_steps, self.current = steps, 0
+        self.progress.update(self.task, description=label)
+
+    def row(self, label, row):
+        step = int(row.get("step", 0))
+        self.current = min(step, self.run_steps)
+        metric = next((f"{k}={row[k]:.4g}" for k in row if k.startswith(("test_", "val_"))
+                       and not k.endswith("loss")), "")  # fmt: skip
+        self.progress.update(self.task, completed=self.done_before + self.current, metric=metric)
+
+    def finish(self, label, skipped):
+        self.done_before += self.run_steps
+        self.progress.update(self.task, completed=self.done_before)
+        if not self.quiet:
+            self.progress.console.print(f"  {'skipped (done)' if skipped else 'finished'}: {label}")
+
+    def log(self, message):
+        self.progress.console.print(message)
+
+
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from gaussnewton.experiments.registry import get_experiment
+    from gaussnewton.experiments.runner import run_experiment
+
+    console = Console()
+    try:
+        get_experiment(args.experiment)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        return 2
+    seeds: Any = args.seeds
+    if args.seed_list:
+        seeds = [int(s) for s in args.seed_list.split(",") if s]
+    with _RichReporter(console, args.quiet) as rep:
+        try:
+            res = run_experiment(
+                args.experiment,
+                optimizers=[o for o in args.optimizers.split(",") if o]
+                if args.optimizers
+                else None,
+                seeds=seeds,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                eval_every=args.eval_every,
+                time_budget=args.time_budget,
+                tune=args.tune,
+                tune_steps=args.tune_steps,
+                hparams=_parse_sets(args.set),
+                options=_parse_options(args.option),
+                out=args.out,
+                plots=not args.no_plot,
+                reporter=rep,
+                argv=list(argv),
+            )
+        except (KeyError, ValueError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
+    console.print(Markdown(res.summary_markdown))
+    console.print(f"records: {res.records}")
+    for p in res.plots:
+        console.print(f"plot:    {p}")
+    console.print(f"summary: {res.out / 'summary.md'}")
+    if res.errors:
+        console.print(
+            f"[red]{len(res.errors)} run(s) failed[/red] (see records): " + "; ".join(res.errors)
+        )
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gaussnewton`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        return _cmd_list()
+    return _cmd_run(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Built-in optimizers of the experiments: EGN variants (gaussnewton) and SGD / Adam (optax).
+
+Every entry follows the registry's contract ``factory(model_fn, loss, **hparams)`` returning an
+object with ``init(params)`` and a pure, jit-able ``step(params, state, x, y, key)`` that returns
+``(params, state, info)``. More methods join with one :func:`register_optimizer` call each.
+
+Tuning grids (``--tune``, selected on the validation split):
+- SGD / Adam: learning rate in {1, 0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 5e-4, 1e-4} (EXPERIMENTS §2);
+- EGN variants: learning rate x damping λ x batch size from a small grid (see ``EGN_GRID``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gaussnewton.experiments.registry import register_optimizer
+
+__all__ = ["LR_GRID", "EGN_GRID", "loss_value", "OptaxStep", "optax_factory", "egn_factory"]
+
+LR_GRID = (1.0, 0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 5e-4, 1e-4)
+EGN_GRID = tuple(
+    {"learning_rate": lr, "damping": lam, "batch_size": b}
+    for b in (32, 128)
+    for lr in (1.0, 0.3)
+    for lam in (1e-3, 1e-1)
+)
+
+
+def loss_value(loss: Any, f: jax.Array, y: jax.Array) -> jax.Array:
+    """Batch-MEAN loss of outputs ``f`` (b, c) for a loss name (library conventions).
+
+    ``squared_error``: mean_i 1/2 ||f_i - y_i||^2; ``softmax_cross_entropy``: integer labels (b,) or
+    one-hot (b, c); ``sigmoid_binary_cross_entropy``: c = 1, y in {0, 1}. A ``gaussnewton`` Loss
+    object is evaluated through its ``value`` method.
+    """
+    if f.ndim == 1:
+        f = f[:, None]
+    if loss == "squared_error":
+        y = y.reshape(f.shape)
+        return 0.5 * jnp.mean(jnp.sum(jnp.square(f - y), axis=-1))
+    if loss == "softmax_cross_entropy":
+        if y.ndim == 1:
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(f, y))
+        return jnp.mean(optax.softmax_cross_entropy(f, y))
+    if loss == "sigmoid_binary_cross_entropy":
+        y = y.reshape(f.shape).astype(f.dtype)
+        return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(f, y), axis=-1))
+    if hasattr(loss, "value"):
+        return jnp.mean(loss.value(f, y))
+    raise ValueError(
+        f"loss must be 'squared_error', 'softmax_cross_entropy', 'sigmoid_binary_cross_entropy' "
+        f"or a gaussnewton Loss, got {loss!r}."
+    )
+
+
+class OptaxStep(NamedTuple):
+    """An optax transform wrapped in the experiments' ``init`` / ``step`` interface."""
+
+    init: Callable[[Any], Any]
+    step: Callable[..., tuple[Any, Any, dict[str, jax.Array]]]
+
+
+def optax_factory(make_tx: Callable[..., optax.GradientTransformation]) -> Callable[..., OptaxStep]:
+    """Factory for a first-order optax method: ``value_and_grad`` of the batch loss + ``update``."""
+
+    def factory(model_fn: Callable, loss: Any, **hparams: Any) -> OptaxStep:
+        tx = make_tx(**hparams)
+        lr = hparams.get("learning_rate", 0.0)
+
+        def objective(params, x, y):
+            return loss_value(loss, model_fn(params, x), y)
+
+        def step(params, state, x, y, key=None):
+            del key
+            value, grads = jax.value_and_grad(objective)(params, x, y)
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            info = {
+                "loss": value,
+                "grad_norm": optax.global_norm(grads),
+                "step_size": jnp.asarray(lr if not callable(lr) else 0.0, jnp.float32),
+            }
+            return params, state, info
+
+        return OptaxStep(init=tx.init, step=step)
+
+    return factory
+
+
+def egn_factory(**preset: Any) -> Callable[..., Any]:
+    """Factory for ``gaussnewton.egn`` with ``preset`` keyword arguments (overridable)."""
+
+    def factory(model_fn: Callable, loss: Any, **hparams: Any) -> Any:
+        import gaussnewton as gn
+
+        if not hasattr(gn, "egn"):
+            raise RuntimeError("gaussnewton.egn is not available in this version of the library.")
+        kwargs = {**preset, **hparams}
+        opt = gn.egn(model_fn, loss=loss, **kwargs)
+
+        def step(params, state, x, y, key=None):
+            params, state, info = opt.step(params, state, x, y, key=key)
+            return params, state, info._asdict() if hasattr(info, "_asdict") else dict(info)
+
+        return OptaxStep(init=opt.init, step=step)
+
+    return factory
+
+
+register_optimizer(
+    "sgd",
+    optax_factory(
+        lambda learning_rate=0.1, momentum=0.0: optax.sgd(learning_rate, momentum or None)
+    ),
+    defaults={"learning_rate": 0.1},
+    grid=[{"learning_rate": lr} for lr in LR_GRID],
+    description="optax.sgd (tuned learning rate)",
+)
+register_optimizer(
+    "adam",
+    optax_factory(lambda learning_rate=1e-3: optax.adam(learning_rate)),
+    defaults={"learning_rate": 1e-3},
+    grid=[{"learning_rate": lr} for lr in LR_GRID],
+    description="optax.adam (tuned learning rate)",
+)
+register_optimizer(
+    "egn",
+    egn_factory(),
+    defaults={"learning_rate": 1.0, "damping": 1e-3},
+    grid=EGN_GRID,
+    description="EGN: exact Levenberg-Marquardt direction in the row space, fixed step",
+)
+register_optimizer(
+    "egn-ls",
+    egn_factory(line_search="armijo"),
+    defaults={"learning_rate": 1.0, "damping": 1e-3},
+    grid=EGN_GRID,
+    description="EGN + Armijo backtracking line search on the same batch",
+)
+register_optimizer(
+    "egn-adaptive",
+    egn_factory(damping_policy="adaptive"),
+    defaults={"learning_rate": 1.0, "damping": 1e-3},
+    grid=EGN_GRID,
+    description="EGN + adaptive (Levenberg-Marquardt gain-ratio) damping",
+)
+register_optimizer(
+    "egn-momentum",
+    egn_factory(momentum=0.9),
+    defaults={"learning_rate": 1.0, "damping": 1e-3},
+    grid=EGN_GRID,
+    description="EGN + bias-corrected momentum (beta = 0.9)",
+)

@@ -1,0 +1,252 @@
+"""Summary table (Markdown + JSON) and plots (PNG) of an experiment's finished runs.
+
+Per optimizer, over seeds (mean +- std): final and best metric, the metric at a common wall-clock
+time (the shortest mean training time among the optimizers, so methods compare at EQUAL time),
+time and steps to reach the experiment's target, training steps per second (compilation and
+evaluation excluded) and the evaluation time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["summarize", "summary_markdown", "plot_runs", "write_report"]
+
+
+def _metric(row: Mapping[str, Any], metric: str) -> float:
+    v = row.get(metric, row.get("metric"))
+    return float(v) if v is not None else math.nan
+
+
+def _at_time(rows: Sequence[Mapping[str, Any]], metric: str, t: float) -> float:
+    """Metric of the last evaluation whose training time is <= t."""
+    val = math.nan
+    for r in rows:
+        if r["train_time"] <= t + 1e-12:
+            val = _metric(r, metric)
+    return val
+
+
+def _reach(rows, metric, target, higher):
+    for r in rows:
+        v = _metric(r, metric)
+        if math.isfinite(v) and (v >= target if higher else v <= target):
+            return r["train_time"], r["step"]
+    return None
+
+
+def _ms(values: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], float)
+    if a.size == 0:
+        return math.nan, math.nan
+    return float(a.mean()), float(a.std())
+
+
+def summarize(
+    runs: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+    metric: str,
+    higher_is_better: bool,
+    target: float | None,
+) -> list[dict[str, Any]]:
+    """Per-optimizer statistics from ``{optimizer: [rows of seed 0, rows of seed 1, ...]}``."""
+    runs = {o: [r for r in rs if r] for o, rs in runs.items()}
+    runs = {o: rs for o, rs in runs.items() if rs}
+    if not runs:
+        return []
+    t_common = min(
+        float(np.mean([rs[-1]["train_time"] for rs in seeds])) for seeds in runs.values()
+    )
+    out = []
+    for opt, seeds in runs.items():
+        finals = [_metric(rs[-1], metric) for rs in seeds]
+        pick = max if higher_is_better else min
+        bests = [
+            pick(
+                [v for v in (_metric(r, metric) for r in rs) if math.isfinite(v)], default=math.nan
+            )
+            for rs in seeds
+        ]
+        at_t = [_at_time(rs, metric, t_common) for rs in seeds]
+        times = [rs[-1]["train_time"] for rs in seeds]
+        steps = [rs[-1]["step"] for rs in seeds]
+        sps = [s / t if t > 0 else math.nan for s, t in zip(steps, times, strict=True)]
+        reached = [_reach(rs, metric, target, higher_is_better) for rs in seeds] if target else []
+        hit = [r for r in reached if r is not None]
+        out.append(
+            {
+                "optimizer": opt,
+                "seeds": len(seeds),
+                "final": _ms(finals),
+                "best": _ms(bests),
+                "at_common_time": _ms(at_t),
+                "common_time": t_common,
+                "train_time": _ms(times),
+                "steps": int(np.max(steps)),
+                "steps_per_s": _ms(sps),
+                "eval_time": _ms([rs[-1].get("eval_time", math.nan) for rs in seeds]),
+                "target": target,
+                "reached": f"{len(hit)}/{len(seeds)}" if target is not None else "",
+                "time_to_target": _ms([h[0] for h in hit]) if hit else (math.nan, math.nan),
+                "steps_to_target": _ms([h[1] for h in hit]) if hit else (math.nan, math.nan),
+                "hparams": seeds[0][0].get("_hparams", {}),
+            }
+        )
+    return out
+
+
+def _fmt(ms: tuple[float, float], digits: int = 4) -> str:
+    m, s = ms
+    if not math.isfinite(m):
+        return "-"
+    return f"{m:.{digits}g} ± {s:.2g}"
+
+
+def summary_markdown(summary: Sequence[Mapping[str, Any]], metric: str, higher: bool) -> str:
+    """The Markdown table of :func:`summarize`'s output."""
+    if not summary:
+        return "(no finished runs)\n"
+    t = summary[0]["common_time"]
+    target = summary[0]["target"]
+    arrow = "↑" if higher else "↓"
+    head = (
+        f"| optimizer | seeds | final {metric} {arrow} | best {metric} | {metric} @ {t:.3g} s "
+        f"| time to {target} (s) | steps to {target} | reached | steps/s | train s | eval s "
+        "| hyper-parameters |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in summary:
+        hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
+        lines.append(
+            f"| {r['optimizer']} | {r['seeds']} | {_fmt(r['final'])} | {_fmt(r['best'])} "
+            f"| {_fmt(r['at_common_time'])} | {_fmt(r['time_to_target'], 3)} "
+            f"| {_fmt(r['steps_to_target'], 3)} | {r['reached']} | {_fmt(r['steps_per_s'], 4)} "
+            f"| {_fmt(r['train_time'], 3)} | {_fmt(r['eval_time'], 2)} | {hp} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def _band(ax, x, ys, label, color):
+    m, s = ys.mean(0), ys.std(0)
+    ax.plot(x, m, label=label, color=color, lw=1.6)
+    ax.fill_between(x, m - s, m + s, color=color, alpha=0.2, lw=0)
+
+
+def plot_runs(
+    runs: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+    metric: str,
+    path: str | Path,
+    *,
+    title: str = "",
+    x_label: str = "training step",
+    higher_is_better: bool = False,
+) -> Path:
+    """PNG with three panels: metric vs training wall-clock, metric vs step, training loss vs step
+    (mean +- std over seeds per optimizer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_vals = []
+    for i, (opt, seeds) in enumerate(runs.items()):
+        seeds = [rs for rs in seeds if rs]
+        if not seeds:
+            continue
+        n = min(len(rs) for rs in seeds)
+        col = colors[i % len(colors)]
+        ys = np.array([[_metric(r, metric) for r in rs[:n]] for rs in seeds], float)
+        ts = np.array([[r["train_time"] for r in rs[:n]] for rs in seeds], float).mean(0)
+        st = np.array([r["step"] for r in seeds[0][:n]], float)
+        label = f"{opt} (n={len(seeds)})"
+        _band(axes[0], ts, ys, label, col)
+        _band(axes[1], st, ys, label, col)
+        all_vals.append(ys[np.isfinite(ys)])
+        tl = np.array([[r.get("train_loss", math.nan) for r in rs[1:n]] for rs in seeds], float)
+        if tl.size and np.isfinite(tl).any():
+            _band(axes[2], st[1:], tl, label, col)
+    if all_vals:
+        v = np.concatenate(all_vals)
+        if v.size:
+            lo, hi = np.percentile(v, [0, 90 if not higher_is_better else 100])
+            lo2, hi2 = np.percentile(v, [10 if higher_is_better else 0, 100])
+            if higher_is_better:
+                lo, hi = lo2, hi2
+            pad = 0.05 * (hi - lo + 1e-12)
+            for ax in axes[:2]:
+                ax.set_ylim(lo - pad, hi + pad)
+    axes[0].set_xlabel("training wall-clock (s, compilation and evaluation excluded)")
+    axes[1].set_xlabel(x_label)
+    axes[2].set_xlabel(x_label)
+    for ax in axes[:2]:
+        ax.set_ylabel(metric)
+    axes[2].set_ylabel("training loss (mean over the last steps)")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(result, spec, records, *, plots: bool = True) -> None:
+    """Fill ``result`` with the summary of its test runs; write summary.md / .json and the PNG."""
+    configs = records.configs()
+    keys = {k for ks in result.test_keys.values() for k in ks}
+    rows = records.rows(keys)
+    runs = {}
+    for opt, ks in result.test_keys.items():
+        seeds = []
+        for k in ks:
+            rs = rows.get(k, [])
+            if rs:
+                rs = [dict(r) for r in rs]
+                rs[0]["_hparams"] = configs.get(k, {}).get("hparams", {})
+                seeds.append(rs)
+        runs[opt] = seeds
+    summary = summarize(runs, spec.metric, spec.higher_is_better, spec.target)
+    result.summary = summary
+    result.summary_markdown = summary_markdown(summary, spec.metric, spec.higher_is_better)
+    out = Path(result.out)
+    (out / "summary.md").write_text(
+        f"# {result.experiment}\n\n{spec.description}\n\n{result.summary_markdown}",
+        encoding="utf-8",
+    )
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "experiment": result.experiment,
+                "metric": spec.metric,
+                "winners": result.winners,
+                "summary": summary,
+                "errors": result.errors,
+            },
+            indent=1,
+            default=str,
+        ).replace("NaN", "null"),
+        encoding="utf-8",
+    )
+    if plots and any(runs.values()):
+        result.plots.append(
+            plot_runs(
+                runs,
+                spec.metric,
+                out / f"{result.experiment}.png",
+                title=f"{result.experiment}: {spec.description}",
+                x_label=spec.x_label,
+                higher_is_better=spec.higher_is_better,
+            )
+        )

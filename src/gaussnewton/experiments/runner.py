@@ -1,0 +1,285 @@
+"""Run an experiment: tuning, seeds, incremental records with resume, summary and plots.
+
+:func:`run_experiment` is what ``gaussnewton run`` calls; it works for every registered experiment
+(supervised or RL) because it only talks to ``ExperimentSpec.run``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from gaussnewton.experiments.records import Records, versions
+from gaussnewton.experiments.registry import (
+    ExperimentSpec,
+    RunConfig,
+    get_experiment,
+    get_optimizer,
+)
+
+__all__ = ["run_experiment", "ExperimentResult", "Reporter", "select_winner"]
+
+
+class Reporter(Protocol):
+    """Progress callbacks (the CLI draws a rich progress bar with them)."""
+
+    def plan(self, total_steps: int) -> None: ...
+
+    def start(self, label: str, steps: int) -> None: ...
+
+    def row(self, label: str, row: Mapping[str, Any]) -> None: ...
+
+    def finish(self, label: str, skipped: bool) -> None: ...
+
+    def log(self, message: str) -> None: ...
+
+
+class _Silent:
+    def plan(self, total_steps):
+        pass
+
+    def start(self, label, steps):
+        pass
+
+    def row(self, label, row):
+        pass
+
+    def finish(self, label, skipped):
+        pass
+
+    def log(self, message):
+        pass
+
+
+@dataclass
+class ExperimentResult:
+    """What a call of :func:`run_experiment` produced."""
+
+    experiment: str
+    out: Path
+    records: Path
+    test_keys: dict[str, list[str]] = field(default_factory=dict)  # optimizer -> run keys
+    winners: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    summary_markdown: str = ""
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+def _score(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool) -> float:
+    """Final value of the metric (``metric`` key, or the generic ``"metric"``); worst if absent."""
+    worst = -math.inf if higher else math.inf
+    if not rows:
+        return worst
+    last = rows[-1]
+    v = last.get("metric", last.get(metric))
+    return float(v) if v is not None and math.isfinite(float(v)) else worst
+
+
+def select_winner(
+    candidates: Sequence[Mapping[str, Any]], scores: Sequence[float], higher_is_better: bool
+) -> int:
+    """Index of the best score (ties: the first candidate)."""
+    best = 0
+    for i, s in enumerate(scores):
+        better = s > scores[best] if higher_is_better else s < scores[best]
+        if better:
+            best = i
+    return best
+
+
+def run_experiment(
+    name: str,
+    *,
+    optimizers: Sequence[str] | None = None,
+    seeds: int | Sequence[int] | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    eval_every: int | None = None,
+    time_budget: float | None = None,
+    tune: bool = False,
+    tune_steps: int | None = None,
+    tune_seed: int = 0,
+    hparams: Mapping[str, Mapping[str, Any]] | None = None,
+    options: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    plots: bool = True,
+    reporter: Reporter | None = None,
+    argv: Sequence[str] | None = None,
+) -> ExperimentResult:
+    """Run ``optimizers x seeds`` of experiment ``name`` (tuning each optimizer first if asked).
+
+    Args:
+        optimizers: registered optimizer names (default: the experiment's defaults).
+        seeds: a count K (seeds 0..K-1) or explicit seeds.
+        steps, batch_size, eval_every, time_budget: budget of each test run (defaults from spec).
+        tune: select each optimizer's hyper-parameters from its grid on the validation split
+            (``tune_steps`` steps, seed ``tune_seed``), then run the winner on the test split.
+        hparams: ``{optimizer: {name: value}}`` overrides (``"*"`` applies to every optimizer);
+            they are kept fixed during tuning.
+        options: overrides of the experiment's ``options``.
+        out: output folder (default ``results/<name>``); holds ``records.jsonl``, the plots,
+            ``summary.md`` and ``summary.json``.
+    """
+    spec: ExperimentSpec = get_experiment(name)
+    rep = reporter or _Silent()
+    optimizers = list(optimizers or spec.default_optimizers)
+    for o in optimizers:
+        get_optimizer(o)  # fail early on an unknown name
+    if seeds is None:
+        seeds = spec.default_seeds
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    steps = int(steps or spec.default_steps)
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}.")
+    tune_steps = int(tune_steps or steps)
+    batch_size = batch_size or spec.default_batch_size
+    eval_every = int(eval_every or spec.default_eval_every)
+    time_budget = time_budget if time_budget is not None else spec.default_time_budget
+    opts = {**spec.options, **(options or {})}
+    hparams = {k: dict(v) for k, v in (hparams or {}).items()}
+    out = Path(out or Path("results") / name)
+    records = Records(out)
+    records.append(
+        {"type": "session", "experiment": name, "argv": list(argv or []), "versions": versions()}
+    )
+    result = ExperimentResult(experiment=name, out=out, records=records.path)
+    done = records.done()
+
+    def base_hparams(opt: str) -> dict[str, Any]:
+        return {**get_optimizer(opt).defaults, **hparams.get("*", {}), **hparams.get(opt, {})}
+
+    def make_cfg(opt, seed, hp, split, n_steps):
+        return RunConfig(
+            experiment=name,
+            optimizer=opt,
+            seed=seed,
+            steps=n_steps,
+            batch_size=batch_size,
+            eval_every=eval_every,
+            time_budget=time_budget,
+            split=split,
+            hparams=hp,
+            options=opts,
+        )
+
+    tune_split = "validation" if spec.supports_validation else "test"
+    grids = {}
+    total = 0
+    for opt in optimizers:
+        grid = [dict(g) for g in get_optimizer(opt).grid] if tune else []
+        grids[opt] = grid
+        total += len(grid) * tune_steps + len(seed_list) * steps
+    rep.plan(total)
+
+    def execute(cfg: RunConfig, label: str) -> list[dict[str, Any]] | None:
+        key = cfg.key
+        if key in done:
+            rep.start(label, cfg.steps)
+            rep.finish(label, skipped=True)
+            return records.rows({key}).get(key, [])
+        attempt = uuid.uuid4().hex[:8]
+        records.append(
+            {
+                "type": "start",
+                "run": key,
+                "attempt": attempt,
+                "config": cfg.to_dict(),
+                "label": label,
+                "versions": versions(),
+            }  # fmt: skip
+        )
+        rep.start(label, cfg.steps)
+        rows, t0 = [], time.perf_counter()
+        try:
+            for row in spec.run(cfg):
+                row = dict(row)
+                records.append(
+                    {
+                        "type": "eval",
+                        "run": key,
+                        "attempt": attempt,
+                        "optimizer": cfg.optimizer,
+                        "seed": cfg.seed,
+                        "split": cfg.split,
+                        **row,
+                    }  # fmt: skip
+                )
+                rows.append({k: v for k, v in row.items() if k != "trace"})
+                rep.row(label, row)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken optimizer must not stop the others
+            msg = f"{label}: {type(exc).__name__}: {exc}"
+            records.append(
+                {
+                    "type": "error",
+                    "run": key,
+                    "attempt": attempt,
+                    "error": msg,
+                    "traceback": traceback.format_exc(),
+                }  # fmt: skip
+            )
+            result.errors.append(msg)
+            rep.log(f"[red]error[/red] {msg}")
+            rep.finish(label, skipped=False)
+            return None
+        final = rows[-1] if rows else {}
+        records.append(
+            {
+                "type": "done",
+                "run": key,
+                "attempt": attempt,
+                "config": cfg.to_dict(),
+                "final": final,
+                "seconds": time.perf_counter() - t0,
+            }  # fmt: skip
+        )
+        done[key] = {"run": key}
+        rep.finish(label, skipped=False)
+        return rows
+
+    for opt in optimizers:
+        hp = base_hparams(opt)
+        if grids[opt]:
+            candidates = [{**get_optimizer(opt).defaults, **g, **hparams.get("*", {}),
+                           **hparams.get(opt, {})} for g in grids[opt]]  # fmt: skip
+            scores = []
+            for i, cand in enumerate(candidates):
+                cfg = make_cfg(opt, tune_seed, cand, tune_split, tune_steps)
+                rows = execute(cfg, f"tune {opt} [{i + 1}/{len(candidates)}]")
+                scores.append(_score(rows or [], spec.metric, spec.higher_is_better))
+            best = select_winner(candidates, scores, spec.higher_is_better)
+            hp = candidates[best]
+            result.winners[opt] = hp
+            records.append(
+                {
+                    "type": "tune",
+                    "optimizer": opt,
+                    "split": tune_split,
+                    "steps": tune_steps,
+                    "seed": tune_seed,
+                    "metric": spec.metric,
+                    "grid": candidates,
+                    "scores": scores,
+                    "winner": hp,
+                }  # fmt: skip
+            )
+            rep.log(f"tuned {opt}: {hp} (validation {spec.metric} {scores[best]:.4g})")
+        keys = []
+        for seed in seed_list:
+            cfg = make_cfg(opt, seed, hp, "test", steps)
+            if execute(cfg, f"{opt} seed {seed}") is not None:
+                keys.append(cfg.key)
+        result.test_keys[opt] = keys
+
+    from gaussnewton.experiments.report import write_report
+
+    write_report(result, spec, records, plots=plots)
+    return result
