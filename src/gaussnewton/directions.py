@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
+from gaussnewton.cg import row_space_cg
 from gaussnewton.gram import as_2d
 from gaussnewton.gram import gram as compute_gram
 from gaussnewton.linalg import solve_damped_spd
@@ -43,9 +44,10 @@ from gaussnewton.losses import Loss, LossLike, get_loss
 
 PyTree = Any
 
-__all__ = ["egn_direction", "DirectionInfo", "CURVATURES"]
+__all__ = ["egn_direction", "DirectionInfo", "CURVATURES", "SOLVERS"]
 
 CURVATURES = ("exact", "sampled")
+SOLVERS = ("cholesky", "cg")
 
 
 class DirectionInfo(NamedTuple):
@@ -66,6 +68,8 @@ class _Linearization(NamedTuple):
     direction: PyTree  # d (descent sign included)
     factor: jax.Array  # S, (b, c, r): the curvature used, for the ρ model
     identity: bool  # Q = I (S not materialized)
+    cg_iters: jax.Array | int = 0  # solver="cg" only
+    cg_residual: jax.Array | float = 0.0  # solver="cg" only: row-space residual max-norm
 
 
 def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
@@ -91,9 +95,30 @@ def linearize_and_solve(
     curvature: str = "exact",
     num_samples: int = 1,
     key: jax.Array | None = None,
+    solver: str = "cholesky",
+    max_cg_iters: int | None = None,
+    cg_tol: float = 1e-6,
+    warm_start: PyTree | None = None,
 ) -> _Linearization:
-    """batch → outputs, loss, g, S → Gram → row-space solve → one VJP back (internal workhorse)."""
+    """batch → outputs, loss, g, S → Gram → row-space solve → one VJP back (internal workhorse).
+
+    ``solver="cg"``: the same row-space system by CG with matrix-free ``K v`` products
+    (:func:`gaussnewton.cg.row_space_cg`; ``warm_start`` is a previous direction or ``None``).
+    """
     fn = as_2d(model_fn)
+    if solver == "cg":
+        f, jvp_fn = jax.linearize(lambda p: fn(p, x), params)
+        vjp_fn = jax.linear_transpose(jvp_fn, params)
+        y = loss.prepare_labels(f, y)
+        value = jnp.mean(loss.value(f, y))
+        g = loss.grad(f, y)
+        identity = loss.identity_curvature and curvature == "exact"
+        s = None if identity else _curvature_factor(loss, f, y, curvature, num_samples, key)
+        grad, direction, res = row_space_cg(
+            jvp_fn, vjp_fn, g, s, damping, warm_start=warm_start, max_iters=max_cg_iters, tol=cg_tol
+        )
+        s = jnp.zeros((f.shape[0], f.shape[1], 0), f.dtype) if identity else s
+        return _Linearization(value, grad, direction, s, identity, res.iters, res.residual_max)
     f, vjp_fn = jax.vjp(lambda p: fn(p, x), params)
     y = loss.prepare_labels(f, y)
     b = f.shape[0]
@@ -142,6 +167,9 @@ def egn_direction(
     curvature: str = "exact",
     num_samples: int = 1,
     key: jax.Array | None = None,
+    solver: str = "cholesky",
+    max_cg_iters: int | None = None,
+    cg_tol: float = 1e-6,
 ) -> tuple[PyTree, DirectionInfo]:
     r"""The EGN (Levenberg-Marquardt) direction ``d = −(H + λI)⁻¹ ∇L`` on one mini-batch.
 
@@ -155,6 +183,9 @@ def egn_direction(
         gram: Gram strategy name (``"auto"``, ``"jacobian"``, ``"matvec"``, ...).
         curvature: ``"exact"`` (``Q``) or ``"sampled"`` (Monte-Carlo factor with ``num_samples``
             columns per example, needs ``key``).
+        solver: ``"cholesky"`` (formed Gram) or ``"cg"`` (row-space CG with matrix-free ``K v``
+            products, at most ``max_cg_iters`` iterations — ``None``: the row-space dimension —
+            until the residual max-norm is ``<= cg_tol``).
 
     Returns:
         ``(d, info)`` with ``d`` shaped like ``params`` (``params + d`` is the full LM step) and a
@@ -163,6 +194,8 @@ def egn_direction(
     loss_obj = get_loss(loss)
     if curvature not in CURVATURES:
         raise ValueError(f"curvature={curvature!r} is unknown; use one of {CURVATURES}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is unknown; use one of {SOLVERS}.")
     lin = linearize_and_solve(
         model_fn,
         params,
@@ -174,6 +207,9 @@ def egn_direction(
         curvature=curvature,
         num_samples=num_samples,
         key=key,
+        solver=solver,
+        max_cg_iters=max_cg_iters,
+        cg_tol=cg_tol,
     )
     info = DirectionInfo(
         loss=lin.loss,

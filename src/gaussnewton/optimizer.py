@@ -30,7 +30,7 @@ from gaussnewton._tree import (
     tree_zeros_like,
 )
 from gaussnewton.damping import AdaptiveDamping, _Fixed, gain_ratio
-from gaussnewton.directions import CURVATURES, linearize_and_solve
+from gaussnewton.directions import CURVATURES, SOLVERS, linearize_and_solve
 from gaussnewton.gram import STRATEGIES, as_2d
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import Loss, LossLike, get_loss
@@ -93,6 +93,8 @@ class Linearization(NamedTuple):
     ``quad(Δ)`` is the model curvature term ``½ Δᵀ H Δ`` used by the gain ratio. ``method_state``
     is the method's own state for the next step (e.g. a CG warm start or an L-BFGS history); it is
     kept only when the step is accepted.
+    ``after_step``, when given, replaces ``method_state``: it is called with the applied update ``Δ``
+    and returns the next method state (e.g. an L-BFGS curvature pair ``(Δ, ∇L(w + Δ) − ∇L(w))``).
     """
 
     loss: jax.Array
@@ -102,6 +104,7 @@ class Linearization(NamedTuple):
     cg_iters: jax.Array | int = 0
     cg_residual: jax.Array | float = 0.0
     method_state: PyTree = ()
+    after_step: Callable[[PyTree], PyTree] | None = None
 
 
 # direction_fn(params, x, y, λ, key, method_state) -> Linearization
@@ -198,7 +201,7 @@ class GaussNewtonOptimizer:
             momentum=momentum,
             tx_state=tx_state,
             key=next_key,
-            method_state=lin.method_state,
+            method_state=lin.method_state if lin.after_step is None else lin.after_step(delta),
         )
         rejected_state = state._replace(damping=self.damping_policy.on_rejected(state.damping))
         out_params = tree_select(ok, new_params, params)
@@ -339,6 +342,10 @@ def egn(
     gram: str = "auto",
     curvature: str = "exact",
     num_samples: int = 1,
+    solver: str = "cholesky",
+    max_cg_iters: int | None = None,
+    cg_tol: float = 1e-6,
+    cg_warm_start: bool = True,
 ) -> GaussNewtonOptimizer:
     r"""Exact Gauss-Newton (EGN): the Levenberg-Marquardt direction of the mini-batch GGN.
 
@@ -363,6 +370,11 @@ def egn(
         tx: optional optax transform applied to the (averaged) direction.
         gram: Gram strategy (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"`` when available).
         curvature: ``"exact"`` or ``"sampled"`` (``num_samples`` Monte-Carlo columns per example).
+        solver: ``"cholesky"`` (formed Gram, default) or ``"cg"``: row-space CG with matrix-free
+            ``K v`` products (METHODS §4.1), at most ``max_cg_iters`` iterations (``None``: the
+            row-space dimension) until the residual max-norm is ``<= cg_tol``; with
+            ``cg_warm_start`` it starts from the previous step's direction mapped to the row space
+            (see :mod:`gaussnewton.cg`). ``info.cg_iters`` / ``info.cg_residual`` report the solve.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -396,6 +408,11 @@ def egn(
         raise ValueError(
             f"curvature='sampled' is not available for loss {loss_obj.name!r}; use curvature='exact'."
         )
+    v.check_choice("solver", solver, SOLVERS)
+    if max_cg_iters is not None and not (isinstance(max_cg_iters, int) and max_cg_iters >= 0):
+        raise ValueError(f"max_cg_iters={max_cg_iters!r} must be None or an integer >= 0.")
+    v.check_number("cg_tol", cg_tol, strict=False, hint="e.g. cg_tol=1e-6.")
+    warm = solver == "cg" and bool(cg_warm_start)
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
     if tx is not None and not hasattr(tx, "update"):
@@ -403,7 +420,6 @@ def egn(
     fn = as_2d(model_fn)
 
     def direction_fn(params, x, y, lam, key, method_state):
-        del method_state
         lin = linearize_and_solve(
             fn,
             params,
@@ -415,9 +431,16 @@ def egn(
             curvature=curvature,
             num_samples=num_samples,
             key=key,
+            solver=solver,
+            max_cg_iters=max_cg_iters,
+            cg_tol=cg_tol,
+            warm_start=method_state if warm else None,
         )
         quad = quad_from_factor(fn, params, x, lin.factor, lin.identity)
-        return Linearization(lin.loss, lin.grad, lin.direction, quad)
+        nxt = lin.direction if warm else ()
+        return Linearization(
+            lin.loss, lin.grad, lin.direction, quad, lin.cg_iters, lin.cg_residual, nxt
+        )
 
     return GaussNewtonOptimizer(
         model_fn=model_fn,
@@ -430,4 +453,5 @@ def egn(
         momentum=float(momentum),
         tx=tx,
         name="egn",
+        init_method_state=tree_zeros_like if warm else None,
     )
