@@ -12,6 +12,7 @@ maps ``(params, x) -> (b, c)`` as the library's ``model_fn`` contract requires.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,11 @@ def init_mlp(
     key: jax.Array, in_dim: int, out_dim: int, hidden: Sequence[int] = (32, 64, 32)
 ) -> list[dict[str, jax.Array]]:
     """Dense layers ``in_dim -> hidden... -> out_dim``; LeCun-normal weights, zero biases."""
+    return _init_mlp_jit(key, int(in_dim), int(out_dim), tuple(int(h) for h in hidden))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_mlp_jit(key, in_dim, out_dim, hidden):
     dims = [int(in_dim), *map(int, hidden), int(out_dim)]
     keys = jax.random.split(key, len(dims) - 1)
     return [
@@ -67,6 +73,13 @@ def init_cnn(
     dense: int = 32,
 ) -> dict[str, Any]:
     """Parameters of the small CNN for NHWC images of shape ``image_shape = (H, W, C)``."""
+    return _init_cnn_jit(
+        key, tuple(int(s) for s in image_shape), int(out_dim), tuple(map(int, channels)), int(dense)
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _init_cnn_jit(key, image_shape, out_dim, channels, dense):
     h, w, c = map(int, image_shape)
     keys = jax.random.split(key, len(channels) + 2)
     convs, c_in = [], c
@@ -83,15 +96,21 @@ def init_cnn(
     return {
         "conv": convs,
         "dense": [
-            {"w": _lecun(keys[-2], (flat, dense), jnp.float32), "b": jnp.zeros((dense,))},
-            {"w": _lecun(keys[-1], (dense, out_dim), jnp.float32), "b": jnp.zeros((out_dim,))},
+            {
+                "w": _lecun(keys[-2], (flat, dense), jnp.float32),
+                "b": jnp.zeros((dense,), jnp.float32),
+            },
+            {
+                "w": _lecun(keys[-1], (dense, out_dim), jnp.float32),
+                "b": jnp.zeros((out_dim,), jnp.float32),
+            },
         ],
     }
 
 
 def cnn_apply(params: dict[str, Any], x: jax.Array) -> jax.Array:
     """``x`` (b, H, W, C) -> logits (b, c)."""
-    h = x
+    h = x.astype(params["conv"][0]["w"].dtype)
     for layer in params["conv"]:
         h = _maxpool2(jax.nn.relu(_conv(h, layer["w"]) + layer["b"]))
     h = h.reshape(h.shape[0], -1)

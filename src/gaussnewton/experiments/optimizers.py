@@ -82,7 +82,7 @@ def optax_factory(make_tx: Callable[..., optax.GradientTransformation]) -> Calla
             params = optax.apply_updates(params, updates)
             info = {
                 "loss": value,
-                "grad_norm": optax.global_norm(grads),
+                "grad_norm": optax.tree.norm(grads),
                 "step_size": jnp.asarray(lr if not callable(lr) else 0.0, jnp.float32),
             }
             return params, state, info
@@ -130,29 +130,36 @@ register_optimizer(
 )
 register_optimizer(
     "egn",
-    egn_factory(),
+    egn_factory(line_search="armijo", damping_policy="adaptive"),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
     grid=EGN_GRID,
-    description="EGN: exact Levenberg-Marquardt direction in the row space, fixed step",
+    description="EGN, library defaults: Armijo line search (alpha_max = learning_rate) + adaptive λ",
+)
+register_optimizer(
+    "egn-fixed",
+    egn_factory(line_search=None, damping_policy="constant"),
+    defaults={"learning_rate": 1.0, "damping": 1e-3},
+    grid=EGN_GRID,
+    description="plain EGN: fixed step size, constant λ",
 )
 register_optimizer(
     "egn-ls",
-    egn_factory(line_search="armijo"),
+    egn_factory(line_search="armijo", damping_policy="constant"),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
     grid=EGN_GRID,
-    description="EGN + Armijo backtracking line search on the same batch",
+    description="EGN + Armijo backtracking line search on the same batch, constant λ",
 )
 register_optimizer(
     "egn-adaptive",
-    egn_factory(damping_policy="adaptive"),
+    egn_factory(line_search=None, damping_policy="adaptive"),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
     grid=EGN_GRID,
-    description="EGN + adaptive (Levenberg-Marquardt gain-ratio) damping",
+    description="EGN + adaptive (Levenberg-Marquardt gain-ratio) λ, fixed step size",
 )
 register_optimizer(
     "egn-momentum",
-    egn_factory(momentum=0.9),
+    egn_factory(line_search="armijo", damping_policy="adaptive", momentum=0.9),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
     grid=EGN_GRID,
-    description="EGN + bias-corrected momentum (beta = 0.9)",
+    description="EGN (Armijo + adaptive λ) + bias-corrected momentum (beta = 0.9)",
 )
