@@ -73,7 +73,14 @@ def test_egn_policy_evaluation_recovers_h_k():
     """Fixed gain, exact (float64, deterministic) transitions: EGN finds H_K in a few steps."""
     gain = np.array([[-0.1, -0.2]])
     h_k = lqr.h_of_gain(TINY, gain)
-    opt = gn.egn(LQRLearner.model_fn, loss="squared_error", learning_rate=1.0, damping=1e-10)
+    opt = gn.egn(
+        LQRLearner.model_fn,
+        loss="squared_error",
+        learning_rate=1.0,
+        damping=1e-10,
+        damping_policy="constant",
+        line_search=None,
+    )
     cfg = QLConfig(
         batch_size=32, num_envs=8, episode_len=20, buffer_size=512, warmup_steps=8, improve_every=0
     )
@@ -87,7 +94,14 @@ def test_egn_policy_evaluation_recovers_h_k():
 
 
 def test_egn_policy_iteration_reaches_h_star():
-    opt = gn.egn(LQRLearner.model_fn, loss="squared_error", learning_rate=1.0, damping=1e-10)
+    opt = gn.egn(
+        LQRLearner.model_fn,
+        loss="squared_error",
+        learning_rate=1.0,
+        damping=1e-10,
+        damping_policy="constant",
+        line_search=None,
+    )
     cfg = QLConfig(
         batch_size=32, num_envs=8, episode_len=20, buffer_size=512, warmup_steps=8, improve_every=10
     )

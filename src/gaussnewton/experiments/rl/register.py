@@ -13,11 +13,13 @@ from collections.abc import Iterator
 
 import jax
 
+from gaussnewton.experiments.optimizers import egn_factory
 from gaussnewton.experiments.registry import (
     ExperimentSpec,
     RunConfig,
     get_optimizer,
     register_experiment,
+    register_optimizer,
 )
 
 __all__ = ["run_lqr", "run_dqn"]
@@ -63,11 +65,22 @@ def run_dqn(cfg: RunConfig) -> Iterator[dict]:
     dcfg = _split_options(options, DQNConfig, DEFAULT_DQN_CONFIGS.get(env_name, DQNConfig()))
     if cfg.batch_size is not None:
         dcfg = dataclasses.replace(dcfg, batch_size=int(cfg.batch_size))
-    learner = DQNLearner(env_name, lambda model_fn: _build_optimizer(cfg, model_fn), dcfg)
+    learner = DQNLearner(env_name, _build_optimizer(cfg, DQNLearner.model_fn), dcfg)
     yield from learner.iterate(
         jax.random.key(cfg.seed), cfg.steps, cfg.eval_every, time_budget=cfg.time_budget
     )
 
+
+# EGN preset for the DQN TD regression: a fixed, short step with strong constant damping. A full
+# Levenberg-Marquardt step (lr 1, small λ) fits each mini-batch of bootstrapped targets exactly and
+# makes DQN oscillate; lr 0.1 / λ 1 solved CartPole-v1 (see docs/results_rl.md).
+register_optimizer(
+    "egn-dqn",
+    egn_factory(damping_policy="constant", line_search=None),
+    defaults={"learning_rate": 0.1, "damping": 1.0},
+    grid=[{"learning_rate": lr, "damping": lam} for lr in (0.3, 0.1, 0.03) for lam in (0.1, 1.0)],
+    description="EGN for DQN TD steps: fixed step 0.1, constant damping 1 (no line search)",
+)
 
 _LQR_COMMON = dict(
     metric="h_error_rel",
@@ -100,5 +113,41 @@ register_experiment(
         options={"system": "BDT1"},
         extra={"system": "BDT1", "dt": 0.1, "gamma": 0.99},
         **_LQR_COMMON,
+    ),
+)
+
+_DQN_COMMON = dict(
+    metric="return",
+    higher_is_better=True,
+    default_optimizers=("egn-dqn", "adam"),
+    default_seeds=5,
+    x_label="environment step",
+    supports_validation=False,
+)
+
+register_experiment(
+    "dqn_cartpole",
+    ExperimentSpec(
+        run=run_dqn,
+        description="DQN on gymnax CartPole-v1 (TD step by EGN or Adam): greedy return",
+        target=475.0,
+        default_steps=100_000,
+        default_eval_every=10_000,
+        options={"env": "CartPole-v1"},
+        extra={"env": "CartPole-v1", "eval_episodes": 100},
+        **_DQN_COMMON,
+    ),
+)
+register_experiment(
+    "dqn_acrobot",
+    ExperimentSpec(
+        run=run_dqn,
+        description="DQN on gymnax Acrobot-v1 (TD step by EGN or Adam): greedy return",
+        target=-100.0,
+        default_steps=100_000,
+        default_eval_every=10_000,
+        options={"env": "Acrobot-v1"},
+        extra={"env": "Acrobot-v1", "eval_episodes": 100},
+        **_DQN_COMMON,
     ),
 )

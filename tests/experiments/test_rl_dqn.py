@@ -1,0 +1,76 @@
+"""DQN smoke test (tiny budget) and the TD-target / model contract of the DQN regression."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("gymnax", reason="DQN needs the optional extra gymnax (gaussnewton[rl])")
+
+import gaussnewton as gn  # noqa: E402
+from gaussnewton.experiments.rl.dqn import DQNConfig, DQNLearner, q_all, q_taken  # noqa: E402
+
+TINY = DQNConfig(
+    num_envs=4,
+    buffer_size=256,
+    batch_size=16,
+    hidden=(8,),
+    eps_decay_steps=200,
+    learning_starts=64,
+    target_every=5,
+    eval_episodes=3,
+)
+
+
+@pytest.fixture(scope="module")
+def learner():
+    opt = gn.egn(
+        DQNLearner.model_fn,
+        loss="squared_error",
+        learning_rate=0.3,
+        damping=1.0,
+        damping_policy="constant",
+        line_search=None,
+    )
+    return DQNLearner("CartPole-v1", opt, TINY)
+
+
+def test_dqn_smoke_rows_and_updates(learner):
+    rows = list(learner.iterate(jax.random.key(0), 400, 200))
+    assert [r["step"] for r in rows] == [0, 200, 400]
+    assert rows[-1]["updates"] == (400 - 64) // 4 + 1  # one update per iteration after start
+    for r in rows:
+        assert np.isfinite(r["return"]) and 1.0 <= r["return"] <= 500.0
+        assert r["train_time"] >= 0.0
+    assert np.isfinite(rows[-1]["train_loss"])
+    assert rows[-1]["epsilon"] == pytest.approx(TINY.eps_end)
+
+
+def test_td_targets_and_taken_action_model(learner):
+    params = {
+        "w0": jnp.arange(8.0).reshape(4, 2) / 10,
+        "b0": jnp.array([0.1, -0.2]),
+    }  # a linear Q network: Q(s) = s W + b, 2 actions
+    target = jax.tree.map(lambda p: 2 * p, params)
+    obs = jnp.array([[1.0, 0.0, -1.0, 0.5], [0.2, 0.3, 0.0, -0.4]])
+    q = obs @ params["w0"] + params["b0"]
+    np.testing.assert_allclose(q_all(params, obs), q, rtol=1e-6)
+    np.testing.assert_allclose(q_taken(params, (obs, jnp.array([1, 0]))), [q[0, 1], q[1, 0]])
+    reward = jnp.array([1.0, 1.0])
+    term = jnp.array([0.0, 1.0])
+    y = learner.td_targets(params, target, reward, obs, term)
+    qt = obs @ target["w0"] + target["b0"]
+    np.testing.assert_allclose(y, [1.0 + 0.99 * qt[0].max(), 1.0], rtol=1e-6)
+    dbl = DQNLearner.__new__(DQNLearner)
+    dbl.config = dataclasses.replace(TINY, double_dqn=True)
+    y2 = dbl.td_targets(params, target, reward, obs, term)
+    np.testing.assert_allclose(y2[0], 1.0 + 0.99 * qt[0, jnp.argmax(q[0])], rtol=1e-6)
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="gamma"):
+        DQNConfig(gamma=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        DQNConfig(batch_size=0)
