@@ -1,0 +1,163 @@
+"""Forward/backward passes with probes, and assembly of the Gram matrix from the per-leaf plans."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._analysis import analyze
+from ._cost import CONSTANT, DENSE, DENSE_METHODS, PERGRAD, LeafPlan, plan_leaf
+from ._jaxpr import Traced, evaluate, trace, walk
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _batch_size(x: Any, name: str) -> int:
+    sizes = {int(jnp.shape(a)[0]) for a in jax.tree_util.tree_leaves(x) if jnp.ndim(a) > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"structured_gram: the leaves of {name} must share one leading batch size; got sizes "
+            f"{sorted(sizes)}. Give every input array the shape (n, ...)."
+        )
+    return sizes.pop()
+
+
+def make_plan(
+    model_fn: Callable, params: Any, x1: Any, x2: Any = None, dense_method: str = "auto"
+) -> tuple[Traced, list[LeafPlan]]:
+    """Trace ``model_fn`` on one example of ``x1`` and choose a rule for every parameter leaf."""
+    if dense_method not in DENSE_METHODS:
+        raise ValueError(
+            f"structured_gram: dense_method={dense_method!r} is not one of {DENSE_METHODS}."
+        )
+    n1 = _batch_size(x1, "x1")
+    n2 = n1 if x2 is None else _batch_size(x2, "x2")
+    traced, _, _ = trace(model_fn, params, x1)
+    named = jax.tree_util.tree_flatten_with_path(params)[0]
+    floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for _, leaf in named]
+    found = analyze(traced.jaxpr.jaxpr, traced.num_params, floating)
+    plans = []
+    for (path, leaf), fl, f in zip(named, floating, found, strict=True):
+        name = jax.tree_util.keystr(path)
+        if not fl:
+            plans.append(LeafPlan(name, CONSTANT))
+            continue
+        size = int(np.prod(jnp.shape(leaf), dtype=np.int64))
+        plans.append(plan_leaf(name, f, size, n1, n2, traced.num_outputs, dense_method))
+    return traced, plans
+
+
+def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callable:
+    """Per-example map ``x_i -> (A per dense leaf, G per dense leaf, per-example gradients)``.
+
+    One forward pass with a zero probe added to the output of every dense use, then one VJP per
+    output column (vmapped over the k unit cotangents) w.r.t. the probes and the leaves that take
+    per-example gradients.
+    """
+    closed = traced.jaxpr
+    k = traced.num_outputs
+    grad_idx = [p for p, pl in enumerate(plans) if pl.method == PERGRAD]
+    dense_idx = [p for p, pl in enumerate(plans) if pl.method == DENSE]
+    forms = [f for p in dense_idx for f in plans[p].forms]
+    eqns = {path: eqn for path, eqn, _ in walk(closed.jaxpr)}
+    out_avals = [eqns[f.path].outvars[0].aval for f in forms]
+    slot = {f.path: s for s, f in enumerate(forms)}
+
+    def one(x_leaves):
+        def fwd(probes, gleaves):
+            full = list(leaves)
+            for p, g in zip(grad_idx, gleaves, strict=True):
+                full[p] = g
+            acts = [None] * len(forms)
+
+            def hook(path, eqn, invals, outs):
+                s = slot.get(path)
+                if s is None:
+                    return outs
+                acts[s] = invals[forms[s].a_operand]
+                return [outs[0] + probes[s]]
+
+            (out,) = evaluate(closed.jaxpr, closed.consts, full + list(x_leaves), hook)
+            return out, acts
+
+        probes0 = [jnp.zeros(a.shape, a.dtype) for a in out_avals]
+        gleaves0 = [leaves[p] for p in grad_idx]
+        out, vjp_fn, acts = jax.vjp(fwd, probes0, gleaves0, has_aux=True)
+        g_probes, g_leaves = jax.vmap(vjp_fn)(jnp.eye(k, dtype=out.dtype))
+        A, G = [], []
+        for a, g, f in zip(acts, g_probes, forms, strict=True):
+            A.append(jnp.transpose(a, f.a_perm).reshape(f.B, f.T, f.Cin))
+            g = jnp.transpose(g, (0,) + tuple(1 + d for d in f.g_perm))
+            G.append(g.reshape(k, f.B, f.T, f.Cout))
+        A_leaf, G_leaf, start = [], [], 0
+        for p in dense_idx:  # merge the uses of one leaf along positions T
+            m = len(plans[p].forms)
+            A_leaf.append(jnp.concatenate(A[start : start + m], axis=1))
+            G_leaf.append(jnp.concatenate(G[start : start + m], axis=2))
+            start += m
+        V = [g.reshape(k, -1) for g in g_leaves]
+        V = jnp.concatenate(V, axis=1) if V else jnp.zeros((k, 0), out.dtype)
+        return A_leaf, G_leaf, V
+
+    return one
+
+
+def _dense_block(A1, G1, A2, G2):
+    """``sum_b sum_{t,s} (A1_i[b,t] . A2_j[b,s]) (G1_ik[b,t] . G2_jl[b,s])`` -> (n1, k, n2, k)."""
+    if A1.shape[2] == 1:  # one position: K = (a_i . a_j) (G_ik . G_jl)
+        AA = jnp.einsum("ibc,jbc->ijb", A1[:, :, 0], A2[:, :, 0], precision=_HI)
+        GG = jnp.einsum("ikbc,jlbc->ikjlb", G1[:, :, :, 0], G2[:, :, :, 0], precision=_HI)
+        if AA.shape[-1] == 1:
+            return AA[:, None, :, None, 0] * GG[..., 0]
+        return jnp.einsum("ijb,ikjlb->ikjl", AA, GG, precision=_HI)
+    AA = jnp.einsum("ibtc,jbsc->ijbts", A1, A2, precision=_HI)
+    GG = jnp.einsum("ikbtc,jlbsc->ikjlbts", G1, G2, precision=_HI)
+    return jnp.einsum("ijbts,ikjlbts->ikjl", AA, GG, precision=_HI)
+
+
+def structured_gram(
+    model_fn: Callable, params: Any, x1: Any, x2: Any = None, *, dense_method: str = "auto"
+) -> jax.Array:
+    r"""Empirical NTK ``K = J(x1) J(x2)^T`` from the model's own structure, without ``J``.
+
+    ``model_fn(params, x) -> (n, k)``; ``x1``/``x2`` are pytrees of arrays with a leading batch
+    axis (``x2=None`` means ``x1``). Returns ``K`` of shape ``(n1, k, n2, k)`` with
+
+    .. math:: K[i,k,j,l] = \sum_w \partial f_{ik}(x1_i)/\partial w \; \partial f_{jl}(x2_j)/\partial w.
+
+    The sum over parameters is split by leaf (see :func:`gaussnewton.gram.structured.explain`):
+
+    * dense leaves (``z = a W`` in any ``dot_general`` layout, positions ``t``)::
+
+        K_W[(i,k),(j,l)] = sum_{t,s} (a_it . a_js) (G_ikt . G_jls),   G_ik = d f_ik / d z_i,
+
+      with ``G`` from one backward pass per output column (a zero probe added to ``z``);
+    * other leaves (bias, scale, conv, embedding, unrecognized uses): per-example gradients
+      ``V_ik = d f_ik / d w`` of that leaf only, ``K_w = V V^T``.
+
+    ``dense_method`` (``"auto"``, ``"factored"``, ``"per-example-gradient"``) overrides the flop
+    model that picks, per dense leaf, between the two forms. Works under ``jax.jit`` (the analysis
+    uses shapes only), for any params pytree. The result dtype is at least float32.
+    """
+    traced, plans = make_plan(model_fn, params, x1, x2, dense_method)
+    leaves = jax.tree_util.tree_leaves(params)
+    one = _per_example(traced, leaves, plans)
+    x1_leaves = jax.tree_util.tree_leaves(x1)
+    A1, G1, V1 = jax.vmap(one)(x1_leaves)
+    if x2 is None:
+        A2, G2, V2 = A1, G1, V1
+    else:
+        A2, G2, V2 = jax.vmap(one)(jax.tree_util.tree_leaves(x2))
+    n1, k = V1.shape[0], traced.num_outputs
+    n2 = V2.shape[0]
+    dtype = jnp.promote_types(traced.jaxpr.jaxpr.outvars[0].aval.dtype, jnp.float32)
+    K = jnp.zeros((n1, k, n2, k), dtype)
+    for a1, g1, a2, g2 in zip(A1, G1, A2, G2, strict=True):
+        K = K + _dense_block(a1, g1, a2, g2).astype(dtype)
+    if V1.shape[-1]:
+        K = K + jnp.einsum("ikp,jlp->ikjl", V1, V2, precision=_HI).astype(dtype)
+    return K

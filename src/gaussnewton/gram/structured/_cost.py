@@ -1,0 +1,151 @@
+"""Per-leaf plan: canonical form of dense uses and the flop model that picks the rule.
+
+A dense use ``z = dot_general(a, W')`` is brought to the canonical form
+``a -> A (B, T, C_in)``, ``dz -> G (k, B, T, C_out)``, ``W' -> (B, C_in, C_out)`` where ``B`` are
+the dot's batch dimensions, ``T`` the free dimensions of ``a`` (positions: tokens, pixels, the
+size-1 example axis) and ``C_in``/``C_out`` the contracted / free dimensions of ``W'``. Its
+per-example gradient is ``dW'[b] = sum_t A[b, t] (x) G_k[b, t]`` and its Gram block is
+
+    K[(i,k),(j,l)] = sum_b sum_{t,s} (A_i[b,t] . A_j[b,s]) (G_ik[b,t] . G_jl[b,s]).
+
+When the view ``W -> W'`` is a bijection (reshape / transpose / convert, no broadcast or slice),
+inner products of ``W'``-gradients equal those of ``W``-gradients, so the canonical form is exact.
+Several dense uses with the *same* canonical map are merged by concatenating positions ``T`` (this
+adds the cross terms between uses). The factored cost ``n1 n2 B T^2 (C_in + k^2 C_out + k^2)`` is
+compared with per-example gradients ``(n1 + n2) k B T C_in C_out + n1 n2 k^2 P``; the cheaper wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._analysis import LeafUses, Use
+
+#: methods reported by :func:`gaussnewton.gram.structured.explain` (``LeafPlan.method``).
+DENSE = "factored"  # the (a . a)(G . G) form
+PERGRAD = "per-example-gradient"  # per-example gradients of this leaf only, K_w = V V^T
+NONE = "none"  # contributes nothing
+#: rules (``LeafPlan.rule``): a use kind ("dense", "bias", "scale", "conv", "embedding"), "mixed"
+#: (several kinds), or one of these.
+FALLBACK = "fallback"  # unrecognized use: per-example Jacobian of this leaf
+UNUSED = "unused"
+CONSTANT = "non-float"
+
+
+@dataclass
+class DenseForm:
+    """Canonicalization of one dense use (static, numpy/python only)."""
+
+    path: tuple[int, ...]
+    a_operand: int  # position of the activation operand in the dot_general
+    a_perm: tuple[int, ...]  # transpose of a to (batch, free, contracting)
+    g_perm: tuple[int, ...]  # transpose of z to (batch, a-free, w-free)
+    B: int
+    T: int
+    Cin: int
+    Cout: int
+
+
+@dataclass
+class LeafPlan:
+    """What the engine does for one parameter leaf.
+
+    Attributes:
+      name: the leaf's key path (``jax.tree_util.keystr``).
+      rule: the structured rule recognized for all uses of the leaf (``"dense"``, ``"bias"``,
+        ``"scale"``, ``"conv"``, ``"embedding"``, ``"mixed"``), or ``"fallback"`` (some use is
+        not recognized), ``"unused"``, ``"non-float"``.
+      method: how its Gram block is computed: ``"factored"``, ``"per-example-gradient"``, ``"none"``.
+      kinds: kinds of the recognized uses.
+      reason: why a per-example gradient or the fallback was chosen.
+      cost_dense / cost_pergrad: flop estimates (``None`` when not applicable).
+    """
+
+    name: str
+    rule: str
+    method: str = NONE
+    kinds: tuple[str, ...] = ()
+    reason: str = ""
+    cost_dense: float | None = None
+    cost_pergrad: float | None = None
+    forms: list[DenseForm] = field(default_factory=list, repr=False)
+
+
+def dense_form(use: Use) -> tuple[DenseForm, np.ndarray]:
+    """Canonical form of a dense use and its canonical index array ``(B, C_in, C_out)``."""
+    (lc, rc), (lb, rb) = use.params["dimension_numbers"]
+    lc, rc, lb, rb = (tuple(int(d) for d in t) for t in (lc, rc, lb, rb))
+    if use.operand == 1:
+        wc, wb, ac, ab = rc, rb, lc, lb
+    else:
+        wc, wb, ac, ab = lc, lb, rc, rb
+    w_shape, a_shape = use.index.shape, use.other_shape
+    wf = tuple(d for d in range(len(w_shape)) if d not in wc + wb)
+    af = tuple(d for d in range(len(a_shape)) if d not in ac + ab)
+
+    def size(shape, dims):
+        return int(np.prod([shape[d] for d in dims], dtype=np.int64))
+
+    B, Cin, Cout, T = size(w_shape, wb), size(w_shape, wc), size(w_shape, wf), size(a_shape, af)
+    canon = np.transpose(use.index, wb + wc + wf).reshape(B, Cin, Cout)
+    nb = len(wb)
+    if use.operand == 1:  # z = (batch, a-free, w-free)
+        g_perm = tuple(range(len(use.out_shape)))
+    else:  # z = (batch, w-free, a-free)
+        g_perm = (
+            tuple(range(nb))
+            + tuple(range(nb + len(wf), nb + len(wf) + len(af)))
+            + tuple(range(nb, nb + len(wf)))
+        )
+    form = DenseForm(use.path, 1 - use.operand, ab + af + ac, g_perm, B, T, Cin, Cout)
+    return form, canon
+
+
+def _is_bijection(canon: np.ndarray, size: int) -> bool:
+    if canon.size != size:
+        return False
+    return bool(np.all(np.bincount(canon.ravel().astype(np.int64), minlength=size) == 1))
+
+
+DENSE_METHODS = ("auto", DENSE, PERGRAD)
+
+
+def plan_leaf(
+    name: str, found: LeafUses, size: int, n1: int, n2: int, k: int, dense_method: str = "auto"
+) -> LeafPlan:
+    """Choose the rule for one leaf of ``size`` entries (batch sizes ``n1``, ``n2``, ``k`` outputs).
+
+    ``dense_method`` overrides the flop model for eligible dense leaves (``"factored"`` or
+    ``"per-example-gradient"``); ``"auto"`` picks the cheaper.
+    """
+    kinds = tuple(sorted({u.kind for u in found.uses}))
+    if found.fallback is not None:
+        return LeafPlan(name, FALLBACK, PERGRAD, kinds, found.fallback)
+    if not found.uses:
+        return LeafPlan(name, UNUSED)
+    if kinds != ("dense",):
+        rule = kinds[0] if len(kinds) == 1 else "mixed"
+        return LeafPlan(name, rule, PERGRAD, kinds, "per-example gradient of the leaf (exact)")
+    forms, canons = zip(*(dense_form(u) for u in found.uses), strict=True)
+    if not _is_bijection(canons[0], size):
+        reason = "the weight is broadcast or sliced before the dot"
+        return LeafPlan(name, "dense", PERGRAD, kinds, reason)
+    if any(c.shape != canons[0].shape or not np.array_equal(c, canons[0]) for c in canons[1:]):
+        reason = "uses with different layouts of the weight"
+        return LeafPlan(name, "dense", PERGRAD, kinds, reason)
+    f0 = forms[0]
+    T = sum(f.T for f in forms)
+    cost_dense = float(n1 * n2 * f0.B * T * T * (f0.Cin + k * k * f0.Cout + k * k))
+    cost_pergrad = float((n1 + n2) * k * f0.B * T * f0.Cin * f0.Cout + n1 * n2 * k * k * size)
+    plan = LeafPlan(name, "dense", DENSE, kinds, "", cost_dense, cost_pergrad, list(forms))
+    if dense_method == PERGRAD or (dense_method == "auto" and cost_dense > cost_pergrad):
+        plan.method = PERGRAD
+        plan.reason = (
+            "per-example gradients requested"
+            if dense_method == PERGRAD
+            else ("per-example gradients are cheaper (flop model)")
+        )
+        plan.forms = []
+    return plan

@@ -1,0 +1,123 @@
+"""Structured Gram (METHODS 3.3) against a materialized-Jacobian reference, in float64."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from _structured_zoo import ZOO  # noqa: E402
+
+from gaussnewton.gram.structured import explain, structured_gram  # noqa: E402
+
+RTOL = 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """Tiny programs: XLA's expensive passes cost more than they save here."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def reference_gram(model_fn, params, x1, x2=None):
+    """``J(x1) J(x2)^T`` with per-example ``jacrev`` over the float leaves, shape (n1, k, n2, k).
+
+    Both Jacobians come from ONE vmapped ``jacrev`` over the concatenated batch.
+    """
+    n1 = jax.tree.leaves(x1)[0].shape[0]
+    if x2 is not None:
+        x1 = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), x1, x2)
+    float_mask = [jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in jax.tree.leaves(params)]
+    leaves, treedef = jax.tree.flatten(params)
+
+    def jac(x):
+        def f_one(float_leaves, xi):
+            it = iter(float_leaves)
+            full = [next(it) if m else a for a, m in zip(leaves, float_mask, strict=True)]
+            q = jax.tree.unflatten(treedef, full)
+            return model_fn(q, jax.tree.map(lambda a: a[None], xi))[0]
+
+        fl = [a for a, m in zip(leaves, float_mask, strict=True) if m]
+        J = jax.vmap(lambda xi: jax.jacrev(f_one)(fl, xi))(x)
+        n, k = J[0].shape[:2]
+        return jnp.concatenate([j.reshape(n * k, -1) for j in J], axis=1), n, k
+
+    J, n, k = jac(x1)
+    J1, J2 = J[: n1 * k], J[n1 * k :] if x2 is not None else J
+    return (J1 @ J2.T).reshape(n1, k, -1, k)
+
+
+def _rel_err(K, R):
+    return float(jnp.max(jnp.abs(K - R)) / jnp.max(jnp.abs(R)))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_matches_materialized_jacobian(name):
+    """K(x1, x2) (or K(x1) where the zoo gives no x2), every eligible dense leaf factored."""
+    model_fn, params, x1, x2 = ZOO[name]()
+
+    @jax.jit
+    def both(params, x1, x2):
+        K = structured_gram(model_fn, params, x1, x2, dense_method="factored")
+        return K, reference_gram(model_fn, params, x1, x2)
+
+    K, R = both(params, x1, x2)
+    assert K.shape == R.shape and K.dtype == jnp.float64
+    assert _rel_err(K, R) < RTOL, name
+
+
+@pytest.mark.parametrize("name", ["many_positions", "two_branches"])
+def test_flop_model_choice_is_exact(name):
+    """Default ("auto") choice (per-example gradients on these) on the diagonal K(x1, x1)."""
+    model_fn, params, x1, _ = ZOO[name]()
+    K = jax.jit(lambda p, x: structured_gram(model_fn, p, x))(params, x1)
+    assert _rel_err(K, reference_gram(model_fn, params, x1)) < RTOL
+
+
+def test_jit_and_float32():
+    """Inside jit, in float32 (params and data), against the float64 reference."""
+    model_fn, params, x1, x2 = ZOO["projected_tuple_input"]()
+    p32, a32, b32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x1, x2))
+    K = jax.jit(lambda p, a, b: structured_gram(model_fn, p, a, b))(p32, a32, b32)
+    assert K.dtype == jnp.float32
+    assert _rel_err(K, reference_gram(model_fn, params, x1, x2)) < 1e-4
+
+
+def test_mlp_takes_structured_path_for_every_leaf():
+    model_fn, params, x1, _ = ZOO["mlp_tanh"]()
+    plans = explain(model_fn, params, x1)
+    assert set(plans) == {"['w1']", "['w2']", "['w3']", "['b1']", "['b2']", "['b3']"}
+    for name, plan in plans.items():
+        expected = ("dense", "factored") if "w" in name else ("bias", "per-example-gradient")
+        assert (plan.rule, plan.method) == expected, (name, plan)
+
+
+def test_rules_chosen_for_the_zoo():
+    rnn = explain(*ZOO["scan_rnn"]()[:3])
+    assert rnn["['wh']"].rule == rnn["['wx']"].rule == rnn["['bh']"].rule == "fallback"
+    assert "scan" in rnn["['wh']"].reason
+    assert (rnn["['wo']"].rule, rnn["['wo']"].method) == ("dense", "factored")
+    two = explain(*ZOO["two_branches"]()[:3], dense_method="factored")
+    assert two["['W']"].method == "factored" and len(two["['W']"].forms) == 2
+    assert two["['V']"].method == "per-example-gradient"  # two different layouts
+    many = explain(*ZOO["many_positions"]()[:3])
+    assert (many["['w']"].rule, many["['w']"].method) == ("dense", "per-example-gradient")
+    assert many["['w']"].cost_dense > many["['w']"].cost_pergrad
+    unused = explain(*ZOO["unused_leaves"]()[:3])
+    assert unused["['extra']['unused']"].rule == "unused"
+    assert unused["['extra']['step']"].rule == "non-float"
+    tf = explain(*ZOO["transformer_block"]()[:3], dense_method="factored")
+    for w in ("wq", "wk", "wv", "wo", "m1", "m2", "head"):
+        assert tf[f"['{w}']"].method == "factored", w
+    tied = explain(*ZOO["tied_weights"]()[:3])
+    assert tied["['E']"].rule == "mixed" and tied["['E']"].kinds == ("dense", "embedding")
+
+
+def test_bad_inputs_name_the_problem():
+    model_fn, params, x1, _ = ZOO["mlp_tanh"]()
+    with pytest.raises(ValueError, match="leading batch size"):
+        structured_gram(lambda p, xs: model_fn(p, xs[0]), params, (x1, np.ones((2, 3))))
