@@ -162,15 +162,22 @@ def row_space_cg(
 
     if factor is None:
         rhs = g
-        matvec = lambda u: k_mv(u) + blam * u  # noqa: E731
-        to_row = lambda jd: (g + jd) / blam  # noqa: E731
+
+        def matvec(u):
+            return k_mv(u) + blam * u
+
+        def to_row(jd):
+            return (g + jd) / blam
+
     else:
         s = factor.astype(g.dtype)
         rhs = jnp.einsum("bcr,bc->br", s, jvp_fn(grad))  # Sᵀ J ∇L
-        matvec = lambda v: (
-            jnp.einsum("bcr,bc->br", s, k_mv(jnp.einsum("bcr,br->bc", s, v))) + blam * v
-        )  # noqa: E731
-        to_row = lambda jd: -jnp.einsum("bcr,bc->br", s, jd) / b  # noqa: E731
+
+        def matvec(v):
+            return jnp.einsum("bcr,bc->br", s, k_mv(jnp.einsum("bcr,br->bc", s, v))) + blam * v
+
+        def to_row(jd):
+            return -jnp.einsum("bcr,bc->br", s, jd) / b
 
     n = rhs.size
     x0 = None
