@@ -29,6 +29,7 @@ import jax
 from gaussnewton._tree import tree_size
 from gaussnewton.gram._jacobian import jacobian_gram
 from gaussnewton.gram._matvec import gram_matvec, matvec_gram
+from gaussnewton.gram.structured import structured_gram
 
 PyTree = Any
 ModelFn = Callable[[PyTree, PyTree], jax.Array]
@@ -48,6 +49,7 @@ __all__ = [
 STRATEGIES: dict[str, GramStrategy] = {
     "jacobian": jacobian_gram,
     "matvec": matvec_gram,
+    "structured": structured_gram,
 }
 
 # A materialized Jacobian above this many bytes makes "auto" avoid the jacobian strategy.

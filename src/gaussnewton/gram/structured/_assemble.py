@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._analysis import analyze
+from ._analysis import LeafUses, analyze
 from ._cost import CONSTANT, DENSE, DENSE_METHODS, PERGRAD, LeafPlan, plan_leaf
 from ._jaxpr import Traced, evaluate, trace, walk
 
@@ -39,7 +39,10 @@ def make_plan(
     traced, _, _ = trace(model_fn, params, x1)
     named = jax.tree_util.tree_flatten_with_path(params)[0]
     floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for _, leaf in named]
-    found = analyze(traced.jaxpr.jaxpr, traced.num_params, floating)
+    try:
+        found = analyze(traced.jaxpr.jaxpr, traced.num_params, floating)
+    except Exception as err:  # an analysis bug must not break training: stay exact
+        found = [LeafUses(fallback=f"analysis failed ({type(err).__name__}: {err})") for _ in named]
     plans = []
     for (path, leaf), fl, f in zip(named, floating, found, strict=True):
         name = jax.tree_util.keystr(path)
