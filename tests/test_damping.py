@@ -1,0 +1,74 @@
+"""Damping: the gain-ratio rule, and ρ = 1 on a problem whose quadratic model is exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaussnewton as gn
+from gaussnewton.damping import gain_ratio
+
+
+def test_gain_ratio_failures():
+    assert float(gain_ratio(jnp.float64(-1.0), jnp.float64(-2.0))) == 0.5
+    for predicted in (0.0, 1.0, jnp.nan, jnp.inf):
+        assert float(gain_ratio(jnp.float64(-1.0), jnp.float64(predicted))) == -np.inf
+    assert float(gain_ratio(jnp.float64(jnp.nan), jnp.float64(-1.0))) == -np.inf
+
+
+def test_update_rule_and_clamp():
+    pol = gn.AdaptiveDamping(increase=1.5, decrease=2 / 3, min=1e-3, max=10.0)
+    lam = jnp.float64(1.0)
+    np.testing.assert_allclose(pol.update(lam, jnp.float64(0.1)), 1.5)
+    np.testing.assert_allclose(pol.update(lam, jnp.float64(-jnp.inf)), 1.5)
+    np.testing.assert_allclose(pol.update(lam, jnp.float64(0.5)), 1.0)
+    np.testing.assert_allclose(pol.update(lam, jnp.float64(0.9)), 2 / 3)
+    np.testing.assert_allclose(pol.update(jnp.float64(9.0), jnp.float64(0.0)), 10.0)
+    np.testing.assert_allclose(pol.update(jnp.float64(1e-3), jnp.float64(1.0)), 1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"increase": 0.9}, {"decrease": 1.0}, {"min": 2.0, "max": 1.0}, {"lower": 0.9, "upper": 0.1}],
+)
+def test_bad_configuration(kwargs):
+    with pytest.raises(ValueError, match="AdaptiveDamping"):
+        gn.AdaptiveDamping(**kwargs)
+
+
+def test_exact_quadratic_model_gives_rho_one():
+    """Linear model + squared error: L(w + Δ) − L(w) = ∇LᵀΔ + ½ΔᵀHΔ exactly, so ρ = 1 and λ × 2/3."""
+    kx, ky = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (16, 5))
+    y = jax.random.normal(ky, (16,))
+    model = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731
+    params = {"w": jnp.zeros(5), "b": jnp.zeros(())}
+    opt = gn.egn(model, loss="squared_error", learning_rate=0.5, damping=1.0, line_search=None)
+    state = opt.init(params)
+    step = jax.jit(opt.step)
+    lam = 1.0
+    for _ in range(3):
+        params, state, info = step(params, state, x, y)
+        np.testing.assert_allclose(info.rho, 1.0, rtol=1e-10)
+        np.testing.assert_allclose(info.damping, lam)
+        lam *= 2 / 3
+        np.testing.assert_allclose(info.next_damping, lam)
+
+
+def test_rho_rule_is_followed_on_a_nonlinear_problem(regression_problem):
+    """Every step's λ update matches the rule applied to the reported ρ."""
+    model_fn, params, x, y = regression_problem
+    pol = gn.AdaptiveDamping(increase=1.5, decrease=2 / 3)
+    opt = gn.egn(model_fn, loss="squared_error", damping=1.0, damping_policy=pol, line_search=None)
+    state = opt.init(params)
+    step = jax.jit(opt.step)
+    seen = set()
+    for _ in range(12):
+        params, state, info = step(params, state, x, y)
+        rho, lam = float(info.rho), float(info.damping)
+        factor = 1.5 if rho < 0.25 else (2 / 3 if rho > 0.75 else 1.0)
+        seen.add(factor)
+        np.testing.assert_allclose(
+            info.next_damping, min(max(lam * factor, pol.min), pol.max), rtol=1e-6
+        )
+    assert 2 / 3 in seen
