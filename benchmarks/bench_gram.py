@@ -1,0 +1,269 @@
+"""Gram strategies and EGN step cost on the reference MLPs (EXPERIMENTS.md section 4).
+
+For each problem it measures, in ONE process and side by side:
+
+* the Gram time ``K = J Jᵀ`` of the model outputs per strategy (jacobian / matvec / structured),
+* the EGN step time (``gn.egn(..., gram="structured")``) over the Adam step time (optax.adam),
+  both jitted, median of >= 20 steps after warm-up, interleaved in rounds,
+* the peak memory of the compiled EGN step from XLA's memory analysis
+  (arguments + outputs + temporaries - aliased bytes).
+
+Usage:
+    python benchmarks/bench_gram.py [--quick] [--out results.json] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gaussnewton as gn
+from gaussnewton.gram import STRATEGIES, as_2d
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    sizes: tuple[int, ...]
+    batch: int
+    loss: str
+    act: str = "tanh"
+    curvature: str = "exact"
+    strategies: tuple[str, ...] = ("jacobian", "matvec", "structured")
+
+
+def problems(quick: bool) -> list[Problem]:
+    if quick:
+        return [
+            Problem("reg 8-256-256-1 b=32", (8, 256, 256, 1), 32, "squared_error"),
+            Problem("reg 8-256-256-1 b=128", (8, 256, 256, 1), 128, "squared_error"),
+        ]
+    ce, se = "softmax_cross_entropy", "squared_error"
+    return [
+        Problem("reg 8-256-256-1 b=32", (8, 256, 256, 1), 32, se),
+        Problem("reg 8-256-256-1 b=128", (8, 256, 256, 1), 128, se),
+        Problem("reg 8-256-256-1 b=512", (8, 256, 256, 1), 512, se),
+        Problem("cls 784-256-256-10 b=128 CE", (784, 256, 256, 10), 128, ce, "relu"),
+        Problem(
+            "cls 784-1000-1000-10 b=128 CE",
+            (784, 1000, 1000, 10),
+            128,
+            ce,
+            "relu",
+            "exact",
+            ("structured",),
+        ),
+        Problem(
+            "cls 784-256-256-1000 b=128 CE sampled m=1",
+            (784, 256, 256, 1000),
+            128,
+            ce,
+            "relu",
+            "sampled",
+            ("structured",),
+        ),
+        Problem(
+            "reg 784-256-256-1 b=128 (same trunk)",
+            (784, 256, 256, 1),
+            128,
+            se,
+            "relu",
+            "exact",
+            ("structured",),
+        ),
+    ]
+
+
+def mlp_fn(act: str) -> Callable:
+    a = {"tanh": jnp.tanh, "relu": jax.nn.relu}[act]
+
+    def f(params, x):
+        for layer in params[:-1]:
+            x = a(x @ layer["w"] + layer["b"])
+        return x @ params[-1]["w"] + params[-1]["b"]
+
+    return f
+
+
+def init_mlp(key, sizes):
+    """LeCun-normal weights, zero biases."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (m, n)) / np.sqrt(m), "b": jnp.zeros((n,))}
+        for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+def timed(fn: Callable, *args, reps: int, budget_s: float) -> list[float]:
+    """Times of ``reps`` calls (fewer once ``budget_s`` is spent, at least 3)."""
+    out, spent = [], 0.0
+    for i in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        dt = time.perf_counter() - t
+        out.append(dt)
+        spent += dt
+        if spent > budget_s and i >= 2:
+            break
+    return out
+
+
+def peak_bytes(compiled) -> int | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+def run_problem(p: Problem, steps: int, quick: bool) -> dict:
+    key = jax.random.PRNGKey(0)
+    kp, kx, ky = jax.random.split(key, 3)
+    params = init_mlp(kp, p.sizes)
+    f = mlp_fn(p.act)
+    x = jax.random.normal(kx, (p.batch, p.sizes[0]))
+    if p.loss == "squared_error":
+        y = jax.random.normal(ky, (p.batch, p.sizes[-1]))
+    else:
+        y = jax.random.randint(ky, (p.batch,), 0, p.sizes[-1])
+    row = {
+        "problem": p.name,
+        "params": int(sum(a.size for a in jax.tree_util.tree_leaves(params))),
+        "batch": p.batch,
+        "outputs": p.sizes[-1],
+        "loss": p.loss,
+        "curvature": p.curvature,
+        "gram_ms": {},
+    }
+
+    # Gram of the model outputs per strategy.
+    f2 = as_2d(f)
+    for s in p.strategies:
+        g = jax.jit(lambda params, x, s=s: STRATEGIES[s](f2, params, x, None))
+        jax.block_until_ready(g(params, x))
+        times = timed(g, params, x, reps=5 if quick else 10, budget_s=10.0)
+        row["gram_ms"][s] = 1e3 * statistics.median(times)
+        print(f"  gram {s:>10}: {row['gram_ms'][s]:9.2f} ms ({len(times)} runs)", flush=True)
+
+    # EGN step (structured Gram, fixed step and damping) vs Adam step, interleaved.
+    opt = gn.egn(
+        f,
+        loss=p.loss,
+        gram="structured",
+        learning_rate=1.0,
+        damping=1e-3,
+        damping_policy="constant",
+        line_search=None,
+        curvature=p.curvature,
+        num_samples=1,
+    )
+    state = (
+        opt.init(params, key=jax.random.PRNGKey(1))
+        if p.curvature == "sampled"
+        else opt.init(params)
+    )
+    egn_step = jax.jit(opt.step)
+    lo = gn.get_loss(p.loss)
+    adam = optax.adam(1e-3)
+    adam_state = adam.init(params)
+
+    @jax.jit
+    def adam_step(params, opt_state, x, y):
+        def loss_fn(q):
+            out = f(q, x)
+            return jnp.mean(lo.value(out, lo.prepare_labels(out, y)))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = adam.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    compiled = egn_step.lower(params, state, x, y).compile()
+    row["egn_step_peak_bytes"] = peak_bytes(compiled)
+    row["adam_step_peak_bytes"] = peak_bytes(adam_step.lower(params, adam_state, x, y).compile())
+    for _ in range(3):
+        jax.block_until_ready(egn_step(params, state, x, y))
+        jax.block_until_ready(adam_step(params, adam_state, x, y))
+    egn_t, adam_t = [], []
+    rounds = 4
+    per = max(1, -(-steps // rounds))
+    for _ in range(rounds):
+        egn_t += timed(egn_step, params, state, x, y, reps=per, budget_s=1e9)
+        adam_t += timed(adam_step, params, adam_state, x, y, reps=per, budget_s=1e9)
+    row["egn_step_ms"] = 1e3 * statistics.median(egn_t)
+    row["adam_step_ms"] = 1e3 * statistics.median(adam_t)
+    row["egn_over_adam"] = row["egn_step_ms"] / row["adam_step_ms"]
+    row["steps_timed"] = len(egn_t)
+    print(
+        f"  egn step {row['egn_step_ms']:.2f} ms, adam step {row['adam_step_ms']:.3f} ms, "
+        f"ratio {row['egn_over_adam']:.1f}, egn peak {row['egn_step_peak_bytes'] / 2**20:.1f} MiB",
+        flush=True,
+    )
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (
+        f"{'problem':<42} {'jacobian ms':>12} {'matvec ms':>11} {'struct ms':>10} "
+        f"{'jac/str':>8} {'EGN ms':>8} {'Adam ms':>8} {'EGN/Adam':>9} {'peak MiB':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        g = r["gram_ms"]
+
+        def fmt(v, w):
+            return f"{v:>{w}.2f}" if v is not None else f"{'-':>{w}}"
+
+        ratio = g["jacobian"] / g["structured"] if "jacobian" in g else None
+        print(
+            f"{r['problem']:<42} {fmt(g.get('jacobian'), 12)} {fmt(g.get('matvec'), 11)} "
+            f"{fmt(g.get('structured'), 10)} {fmt(ratio, 8)} {r['egn_step_ms']:>8.2f} "
+            f"{r['adam_step_ms']:>8.3f} {r['egn_over_adam']:>9.1f} "
+            f"{r['egn_step_peak_bytes'] / 2**20:>9.1f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two small problems (smoke run)")
+    ap.add_argument("--out", default=None, help="write the rows as JSON to this file")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (>= 20)")
+    ap.add_argument("--only", default=None, help="run only problems whose name contains this")
+    args = ap.parse_args(argv)
+    rows = []
+    for p in problems(args.quick):
+        if args.only and args.only not in p.name:
+            continue
+        print(p.name, flush=True)
+        rows.append(run_problem(p, args.steps, args.quick))
+    print()
+    print_table(rows)
+    meta = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "machine": platform.platform(),
+        "x64": bool(jax.config.read("jax_enable_x64")),
+    }
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
