@@ -20,14 +20,42 @@ import optax
 
 from gaussnewton.experiments.registry import register_optimizer
 
-__all__ = ["LR_GRID", "EGN_GRID", "loss_value", "OptaxStep", "optax_factory", "egn_factory"]
+__all__ = [
+    "LR_GRID",
+    "EGN_GRID",
+    "EGN_FIXED_GRID",
+    "EGN_LS_GRID",
+    "EGN_ADAPTIVE_GRID",
+    "loss_value",
+    "OptaxStep",
+    "optax_factory",
+    "egn_factory",
+]
 
 LR_GRID = (1.0, 0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 5e-4, 1e-4)
+# EGN with adaptive λ: the floor ``damping_min`` equals the start value, so λ never falls below
+# the tuned value (with λ -> 0 the row-space step interpolates each mini-batch exactly).
 EGN_GRID = tuple(
+    {"learning_rate": 1.0, "damping": lam, "damping_min": lam, "batch_size": b}
+    for b in (32, 128)
+    for lam in (0.03, 0.3, 3.0)
+)
+EGN_FIXED_GRID = tuple(
     {"learning_rate": lr, "damping": lam, "batch_size": b}
     for b in (32, 128)
+    for lr in (0.3, 0.1)
+    for lam in (1.0, 10.0)
+)
+EGN_LS_GRID = tuple(
+    {"learning_rate": 1.0, "damping": lam, "batch_size": b}
+    for b in (32, 128)
+    for lam in (0.1, 1.0, 10.0)
+)
+EGN_ADAPTIVE_GRID = tuple(
+    {"learning_rate": lr, "damping": lam, "damping_min": lam, "batch_size": b}
+    for b in (32, 128)
     for lr in (1.0, 0.3)
-    for lam in (1e-3, 1e-1)
+    for lam in (0.3, 3.0)
 )
 
 
@@ -92,8 +120,15 @@ def optax_factory(make_tx: Callable[..., optax.GradientTransformation]) -> Calla
     return factory
 
 
+_ADAPTIVE = ("min", "max", "increase", "decrease")
+
+
 def egn_factory(**preset: Any) -> Callable[..., Any]:
-    """Factory for ``gaussnewton.egn`` with ``preset`` keyword arguments (overridable)."""
+    """Factory for ``gaussnewton.egn`` with ``preset`` keyword arguments (overridable).
+
+    Hyper-parameters ``damping_min`` / ``damping_max`` / ``damping_increase`` /
+    ``damping_decrease`` configure the adaptive policy (``gn.AdaptiveDamping``).
+    """
 
     def factory(model_fn: Callable, loss: Any, **hparams: Any) -> Any:
         import gaussnewton as gn
@@ -101,6 +136,14 @@ def egn_factory(**preset: Any) -> Callable[..., Any]:
         if not hasattr(gn, "egn"):
             raise RuntimeError("gaussnewton.egn is not available in this version of the library.")
         kwargs = {**preset, **hparams}
+        adaptive = {k: kwargs.pop(f"damping_{k}") for k in _ADAPTIVE if f"damping_{k}" in kwargs}
+        if adaptive:  # e.g. damping_min=1e-3: an AdaptiveDamping policy with these fields
+            if kwargs.get("damping_policy", "constant") == "constant":
+                raise ValueError(
+                    f"damping_{next(iter(adaptive))} needs adaptive damping; use an 'egn' or "
+                    "'egn-adaptive' variant (or damping_policy='adaptive')."
+                )
+            kwargs["damping_policy"] = gn.AdaptiveDamping(**adaptive)
         opt = gn.egn(model_fn, loss=loss, **kwargs)
 
         def step(params, state, x, y, key=None):
@@ -139,21 +182,21 @@ register_optimizer(
     "egn-fixed",
     egn_factory(line_search=None, damping_policy="constant"),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
-    grid=EGN_GRID,
+    grid=EGN_FIXED_GRID,
     description="plain EGN: fixed step size, constant λ",
 )
 register_optimizer(
     "egn-ls",
     egn_factory(line_search="armijo", damping_policy="constant"),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
-    grid=EGN_GRID,
+    grid=EGN_LS_GRID,
     description="EGN + Armijo backtracking line search on the same batch, constant λ",
 )
 register_optimizer(
     "egn-adaptive",
     egn_factory(line_search=None, damping_policy="adaptive"),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
-    grid=EGN_GRID,
+    grid=EGN_ADAPTIVE_GRID,
     description="EGN + adaptive (Levenberg-Marquardt gain-ratio) λ, fixed step size",
 )
 register_optimizer(
@@ -162,4 +205,78 @@ register_optimizer(
     defaults={"learning_rate": 1.0, "damping": 1e-3},
     grid=EGN_GRID,
     description="EGN (Armijo + adaptive λ) + bias-corrected momentum (beta = 0.9)",
+)
+
+
+def gn_factory(function: str, module: str, *, takes_loss: bool = True, **preset: Any):
+    """Factory for a method ``gaussnewton.<function>`` (or ``gaussnewton.<module>.<function>``)
+    with the same ``(model_fn, *, loss, **hparams)`` signature as ``gn.egn``."""
+
+    def factory(model_fn: Callable, loss: Any, **hparams: Any) -> Any:
+        import importlib
+
+        import gaussnewton as gn
+
+        fn = getattr(gn, function, None)
+        if fn is None:
+            try:
+                fn = getattr(importlib.import_module(f"gaussnewton.{module}"), function)
+            except (ImportError, AttributeError) as exc:
+                raise RuntimeError(
+                    f"gaussnewton.{function} is not available in this version of the library."
+                ) from exc
+        kwargs = {**preset, **hparams}
+        adaptive = {k: kwargs.pop(f"damping_{k}") for k in _ADAPTIVE if f"damping_{k}" in kwargs}
+        if adaptive:
+            kwargs["damping_policy"] = gn.AdaptiveDamping(**adaptive)
+        if takes_loss:
+            opt = fn(model_fn, loss=loss, **kwargs)
+        else:
+            if loss != "squared_error":
+                raise ValueError(f"{function} supports the squared error only, got loss={loss!r}.")
+            opt = fn(model_fn, **kwargs)
+
+        def step(params, state, x, y, key=None):
+            params, state, info = opt.step(params, state, x, y, key=key)
+            return params, state, info._asdict() if hasattr(info, "_asdict") else dict(info)
+
+        return OptaxStep(init=opt.init, step=step)
+
+    return factory
+
+
+register_optimizer(
+    "sgn",
+    gn_factory("sgn", "sgn"),
+    defaults={"learning_rate": 1.0, "damping": 1e-4},
+    grid=[{"damping": lam, "batch_size": b} for b in (32, 128) for lam in (1e-4, 1e-2, 1.0)],
+    description="SGN: parameter-space CG on the damped GGN (<= 10 iterations), Armijo, adaptive λ",
+)
+register_optimizer(
+    "sqn",
+    gn_factory("sqn", "sqn"),
+    defaults={"learning_rate": 1.0},
+    grid=[{"learning_rate": lr, "batch_size": b} for b in (32, 128) for lr in (1.0, 0.1)],
+    description="SQN: stochastic L-BFGS (history 10, same-batch pairs) + Armijo",
+)
+register_optimizer(
+    "ignd",
+    gn_factory("ignd", "ignd"),
+    defaults={"learning_rate": 0.1, "damping": 1.0},
+    grid=[{"learning_rate": lr, "damping": lam} for lr in (1.0, 0.1, 0.01) for lam in (0.1, 1.0)],
+    description="IGND: per-example Gauss-Newton scaled gradients (scalar outputs only)",
+)
+register_optimizer(
+    "dual-gn",
+    gn_factory("dual_gn", "dual"),
+    defaults={"learning_rate": 1.0, "damping": 1e-3},
+    grid=EGN_LS_GRID,
+    description="dual Gauss-Newton (Roulet & Blondel): exact convex loss, linearised network",
+)
+register_optimizer(
+    "ggn",
+    gn_factory("gram_gauss_newton", "gram_gauss_newton", takes_loss=False),
+    defaults={"learning_rate": 1.0, "damping": 1e-3},
+    grid=[{"learning_rate": lr, "damping": lam} for lr in (1.0, 0.3) for lam in (1e-3, 1.0, 10.0)],
+    description="Gram-Gauss-Newton (Cai et al.), squared loss, sum convention",
 )

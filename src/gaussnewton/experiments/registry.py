@@ -131,6 +131,9 @@ class ExperimentSpec:
         x_label: what a "step" counts (for plots), e.g. "training step", "environment step".
         supports_validation: False when ``cfg.split`` has no meaning (then ``--tune`` selects on
             the same metric, and says so in the record).
+        default_hparams: per-optimizer hyper-parameters of THIS experiment, ``{optimizer: {name:
+            value}}``, applied over the optimizer's own defaults when not tuning (e.g. the
+            winners of a ``--tune`` run; say which in ``description`` or the docs).
         options: default experiment-specific options put into ``RunConfig.options``.
         extra: free-form metadata recorded with the run (data set name, model, ...).
     """
@@ -148,6 +151,7 @@ class ExperimentSpec:
     default_time_budget: float | None = None
     x_label: str = "training step"
     supports_validation: bool = True
+    default_hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 

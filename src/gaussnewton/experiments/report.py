@@ -167,7 +167,8 @@ def plot_runs(
         ts = np.array([[r["train_time"] for r in rs[:n]] for rs in seeds], float).mean(0)
         st = np.array([r["step"] for r in seeds[0][:n]], float)
         label = f"{opt} (n={len(seeds)})"
-        _band(axes[0], ts, ys, label, col)
+        pos = ts > 0  # log time axis: the step-0 evaluation (t = 0) is left out
+        _band(axes[0], ts[pos], ys[:, pos], label, col)
         _band(axes[1], st, ys, label, col)
         all_vals.append(ys[np.isfinite(ys)])
         tl = np.array([[r.get("train_loss", math.nan) for r in rs[1:n]] for rs in seeds], float)
@@ -183,7 +184,8 @@ def plot_runs(
             pad = 0.05 * (hi - lo + 1e-12)
             for ax in axes[:2]:
                 ax.set_ylim(lo - pad, hi + pad)
-    axes[0].set_xlabel("training wall-clock (s, compilation and evaluation excluded)")
+    axes[0].set_xlabel("training wall-clock (s, log; compilation and evaluation excluded)")
+    axes[0].set_xscale("log")
     axes[1].set_xlabel(x_label)
     axes[2].set_xlabel(x_label)
     for ax in axes[:2]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from gaussnewton.experiments.records import Records, versions
 from gaussnewton.experiments.registry import (
     ExperimentSpec,
@@ -72,14 +74,15 @@ class ExperimentResult:
     plots: list[Path] = field(default_factory=list)
 
 
-def _score(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool) -> float:
-    """Final value of the metric (``metric`` key, or the generic ``"metric"``); worst if absent."""
+def _score(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool, last: int = 5) -> float:
+    """Tuning score: MEDIAN of the metric over the last ``last`` evaluations (robust to a single
+    spike at the final evaluation); non-finite values count as the worst; no rows -> worst."""
     worst = -math.inf if higher else math.inf
-    if not rows:
-        return worst
-    last = rows[-1]
-    v = last.get("metric", last.get(metric))
-    return float(v) if v is not None and math.isfinite(float(v)) else worst
+    vals = []
+    for r in list(rows)[-last:]:
+        v = r.get("metric", r.get(metric))
+        vals.append(float(v) if v is not None and math.isfinite(float(v)) else worst)
+    return float(np.median(vals)) if vals else worst
 
 
 def select_winner(
@@ -153,7 +156,12 @@ def run_experiment(
     done = records.done()
 
     def base_hparams(opt: str) -> dict[str, Any]:
-        return {**get_optimizer(opt).defaults, **hparams.get("*", {}), **hparams.get(opt, {})}
+        return {
+            **get_optimizer(opt).defaults,
+            **spec.default_hparams.get(opt, {}),
+            **hparams.get("*", {}),
+            **hparams.get(opt, {}),
+        }
 
     def make_cfg(opt, seed, hp, split, n_steps):
         return RunConfig(

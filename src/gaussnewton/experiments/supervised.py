@@ -188,7 +188,7 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
         jax.block_until_ready((params, state, trace))
         train_time += time.perf_counter() - t
         step += n
-        trace = {k: np.asarray(v).tolist() for k, v in trace.items()}
+        trace = {k: [float(f"{x:.5g}") for x in np.asarray(v).tolist()] for k, v in trace.items()}
         rejected += int(sum(trace.get("rejected", [])))
         t = time.perf_counter()
         m = evaluate(params)
@@ -202,8 +202,9 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "rejected": rejected,
             **m,
-            "trace": trace,
         }
+        if cfg.split == "test" and opts.get("trace", True):
+            row["trace"] = trace  # per-step optimizer info (not kept for tuning runs)
         for k in ("step_size", "damping"):
             if k in trace and trace[k]:
                 row[k] = trace[k][-1]
@@ -226,6 +227,7 @@ def supervised_experiment(
     eval_every: int = 50,
     optimizers: tuple[str, ...] = ("egn", "adam", "sgd"),
     time_budget: float | None = None,
+    hparams: dict[str, dict[str, Any]] | None = None,
     **options: Any,
 ) -> ExperimentSpec:
     """An :class:`ExperimentSpec` training ``model`` on ``dataset`` with :func:`run_supervised`."""
@@ -242,6 +244,7 @@ def supervised_experiment(
         default_batch_size=batch_size,
         default_eval_every=eval_every,
         default_time_budget=time_budget,
+        default_hparams=hparams or {},
         options={"dataset": dataset, "model": model, **options},
         extra={"dataset": dataset, "model": model},
     )
