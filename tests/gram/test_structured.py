@@ -70,7 +70,7 @@ def test_matches_materialized_jacobian(name):
     assert _rel_err(K, R) < RTOL, name
 
 
-@pytest.mark.parametrize("name", ["many_positions", "two_branches"])
+@pytest.mark.parametrize("name", ["many_positions", "two_branches", "embedding"])
 def test_flop_model_choice_is_exact(name):
     """Default ("auto") choice (per-example gradients on these) on the diagonal K(x1, x1)."""
     model_fn, params, x1, _ = ZOO[name]()
@@ -113,6 +113,9 @@ def test_rules_chosen_for_the_zoo():
     tf = explain(*ZOO["transformer_block"]()[:3], dense_method="factored")
     for w in ("wq", "wk", "wv", "wo", "m1", "m2", "head"):
         assert tf[f"['{w}']"].method == "factored", w
+    emb = explain(*ZOO["embedding"]()[:3], dense_method="factored")["['E']"]
+    assert (emb.rule, emb.method, len(emb.forms)) == ("embedding", "factored", 2)
+    assert [f.fill for f in emb.forms] == [False, True]
     tied = explain(*ZOO["tied_weights"]()[:3])
     assert tied["['E']"].rule == "mixed" and tied["['E']"].kinds == ("dense", "embedding")
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._analysis import LeafUses, analyze
-from ._cost import CONSTANT, DENSE, DENSE_METHODS, PERGRAD, LeafPlan, plan_leaf
+from ._cost import CONSTANT, DENSE, DENSE_METHODS, PERGRAD, EmbedForm, LeafPlan, plan_leaf
 from ._jaxpr import Traced, evaluate, trace, walk
 
 _HI = jax.lax.Precision.HIGHEST
@@ -81,7 +81,8 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
                 s = slot.get(path)
                 if s is None:
                     return outs
-                acts[s] = invals[forms[s].a_operand]
+                embed = isinstance(forms[s], EmbedForm)
+                acts[s] = invals[1] if embed else invals[forms[s].a_operand]
                 return [outs[0] + probes[s]]
 
             (out,) = evaluate(closed.jaxpr, closed.consts, full + list(x_leaves), hook)
@@ -93,20 +94,36 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
         g_probes, g_leaves = jax.vmap(vjp_fn)(jnp.eye(k, dtype=out.dtype))
         A, G = [], []
         for a, g, f in zip(acts, g_probes, forms, strict=True):
-            A.append(jnp.transpose(a, f.a_perm).reshape(f.B, f.T, f.Cin))
             g = jnp.transpose(g, (0,) + tuple(1 + d for d in f.g_perm))
-            G.append(g.reshape(k, f.B, f.T, f.Cout))
+            if isinstance(f, EmbedForm):  # A holds the looked-up row ids (T,)
+                ids = a.reshape(f.T).astype(jnp.int32)
+                g = g.reshape(k, f.T, f.D)
+                if f.fill:  # out-of-range ids looked up the fill value: no gradient
+                    g = g * ((ids >= 0) & (ids < f.V)).astype(g.dtype)[None, :, None]
+                A.append(jnp.clip(ids, 0, f.V - 1))
+                G.append(g)
+            else:
+                A.append(jnp.transpose(a, f.a_perm).reshape(f.B, f.T, f.Cin))
+                G.append(g.reshape(k, f.B, f.T, f.Cout))
         A_leaf, G_leaf, start = [], [], 0
         for p in dense_idx:  # merge the uses of one leaf along positions T
             m = len(plans[p].forms)
-            A_leaf.append(jnp.concatenate(A[start : start + m], axis=1))
-            G_leaf.append(jnp.concatenate(G[start : start + m], axis=2))
+            embed = isinstance(plans[p].forms[0], EmbedForm)
+            A_leaf.append(jnp.concatenate(A[start : start + m], axis=0 if embed else 1))
+            G_leaf.append(jnp.concatenate(G[start : start + m], axis=1 if embed else 2))
             start += m
         V = [g.reshape(k, -1) for g in g_leaves]
         V = jnp.concatenate(V, axis=1) if V else jnp.zeros((k, 0), out.dtype)
         return A_leaf, G_leaf, V
 
     return one
+
+
+def _embed_block(ids1, G1, ids2, G2):
+    """``sum_{t,s} [id1_it == id2_js] (G1_ikt . G2_jls)`` -> (n1, k, n2, k)."""
+    eq = (ids1[:, None, :, None] == ids2[None, :, None, :]).astype(G1.dtype)
+    GG = jnp.einsum("iktd,jlsd->ikjlts", G1, G2, precision=_HI)
+    return jnp.einsum("ijts,ikjlts->ikjl", eq, GG, precision=_HI)
 
 
 def _dense_block(A1, G1, A2, G2):
@@ -160,7 +177,8 @@ def structured_gram(
     dtype = jnp.promote_types(traced.jaxpr.jaxpr.outvars[0].aval.dtype, jnp.float32)
     K = jnp.zeros((n1, k, n2, k), dtype)
     for a1, g1, a2, g2 in zip(A1, G1, A2, G2, strict=True):
-        K = K + _dense_block(a1, g1, a2, g2).astype(dtype)
+        block = _embed_block if a1.ndim == 2 else _dense_block  # ids (n, T) vs A (n, B, T, C)
+        K = K + block(a1, g1, a2, g2).astype(dtype)
     if V1.shape[-1]:
         K = K + jnp.einsum("ikp,jlp->ikjl", V1, V2, precision=_HI).astype(dtype)
     return K

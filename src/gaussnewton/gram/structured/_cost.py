@@ -103,6 +103,48 @@ def dense_form(use: Use) -> tuple[DenseForm, np.ndarray]:
     return form, canon
 
 
+@dataclass
+class EmbedForm:
+    """Canonicalization of one embedding lookup ``z[t] = E[id_t]`` (whole rows of a table).
+
+    ``K[(i,k),(j,l)] = sum_{t,s} [id_it == id_js] (G_ikt . G_jls)``: ``T`` looked-up positions,
+    rows of ``D`` entries, ``V`` rows; ``fill`` is True for FILL_OR_DROP (out-of-range ids look up
+    zeros: no gradient), else ids are clipped like XLA does.
+    """
+
+    path: tuple[int, ...]
+    g_perm: tuple[int, ...]  # transpose of z to (index positions, row entries)
+    T: int
+    D: int
+    V: int
+    fill: bool
+
+
+def embed_form(use: Use) -> tuple[EmbedForm, np.ndarray] | None:
+    """Canonical form of a gather of whole table rows, or ``None`` for other gathers."""
+    dn = use.params["dimension_numbers"]
+    shape = use.index.shape
+    if (
+        len(shape) < 1
+        or tuple(dn.collapsed_slice_dims) != (0,)
+        or tuple(dn.start_index_map) != (0,)
+        or tuple(getattr(dn, "operand_batching_dims", ())) != ()
+        or tuple(use.params["slice_sizes"]) != (1, *shape[1:])
+        or not use.other_shape
+        or use.other_shape[-1] != 1
+    ):
+        return None
+    offset = tuple(int(d) for d in dn.offset_dims)
+    zn = len(use.out_shape)
+    g_perm = tuple(d for d in range(zn) if d not in offset) + offset
+    T = int(np.prod(use.other_shape[:-1], dtype=np.int64))
+    D = int(np.prod(shape[1:], dtype=np.int64))
+    mode = use.params.get("mode")
+    fill = "FILL" in str(getattr(mode, "name", mode)).upper()
+    form = EmbedForm(use.path, g_perm, T, D, int(shape[0]), fill)
+    return form, use.index.reshape(shape[0], D)
+
+
 def _is_bijection(canon: np.ndarray, size: int) -> bool:
     if canon.size != size:
         return False
@@ -125,6 +167,8 @@ def plan_leaf(
         return LeafPlan(name, FALLBACK, PERGRAD, kinds, found.fallback)
     if not found.uses:
         return LeafPlan(name, UNUSED)
+    if kinds == ("embedding",):
+        return _plan_embedding(name, found, size, n1, n2, k, dense_method)
     if kinds != ("dense",):
         rule = kinds[0] if len(kinds) == 1 else "mixed"
         return LeafPlan(name, rule, PERGRAD, kinds, "per-example gradient of the leaf (exact)")
@@ -148,4 +192,33 @@ def plan_leaf(
             else ("per-example gradients are cheaper (flop model)")
         )
         plan.forms = []
+    return plan
+
+
+def _plan_embedding(name, found, size, n1, n2, k, dense_method) -> LeafPlan:
+    kinds = ("embedding",)
+    pergrad = LeafPlan(
+        name, "embedding", PERGRAD, kinds, "per-example gradient of the leaf (exact)"
+    )
+    got = [embed_form(u) for u in found.uses]
+    if any(g is None for g in got):
+        pergrad.reason = "a gather that does not look up whole table rows"
+        return pergrad
+    forms, canons = zip(*got, strict=True)
+    if not _is_bijection(canons[0], size) or any(
+        c.shape != canons[0].shape or not np.array_equal(c, canons[0]) for c in canons[1:]
+    ):
+        pergrad.reason = "the table is sliced, broadcast or laid out differently between uses"
+        return pergrad
+    T, D, V = sum(f.T for f in forms), forms[0].D, forms[0].V
+    cost_dense = float(n1 * n2 * T * T * (1 + k * k * D + k * k))
+    cost_pergrad = float((n1 + n2) * k * T * D + n1 * n2 * k * k * V * D)
+    plan = LeafPlan(name, "embedding", DENSE, kinds, "", cost_dense, cost_pergrad, list(forms))
+    if dense_method == PERGRAD or (dense_method == "auto" and cost_dense > cost_pergrad):
+        plan.method, plan.forms = PERGRAD, []
+        plan.reason = (
+            "per-example gradients requested"
+            if dense_method == PERGRAD
+            else ("per-example gradients are cheaper (flop model)")
+        )
     return plan
