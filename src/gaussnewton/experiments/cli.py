@@ -179,9 +179,9 @@ class _RichReporter:
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rich.console import Console
-    from rich.markdown import Markdown
 
     from gaussnewton.experiments.registry import get_experiment
+    from gaussnewton.experiments.report import summary_table
     from gaussnewton.experiments.runner import run_experiment
 
     console = Console()
@@ -217,7 +217,11 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         except (KeyError, ValueError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             return 2
-    console.print(Markdown(res.summary_markdown))
+    if res.summary:
+        spec = get_experiment(args.experiment)
+        console.print(summary_table(res.summary, spec.metric, spec.higher_is_better))
+    else:
+        console.print("(no finished runs)")
     console.print(f"records: {res.records}")
     for p in res.plots:
         console.print(f"plot:    {p}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["summarize", "summary_markdown", "plot_runs", "write_report"]
+__all__ = ["summarize", "summary_markdown", "summary_table", "plot_runs", "write_report"]
 
 
 def _metric(row: Mapping[str, Any], metric: str) -> float:
@@ -65,6 +65,7 @@ def summarize(
     out = []
     for opt, seeds in runs.items():
         finals = [_metric(rs[-1], metric) for rs in seeds]
+        diverged = sum(not math.isfinite(v) for v in finals)
         pick = max if higher_is_better else min
         bests = [
             pick(
@@ -82,6 +83,7 @@ def summarize(
             {
                 "optimizer": opt,
                 "seeds": len(seeds),
+                "diverged": diverged,
                 "final": _ms(finals),
                 "best": _ms(bests),
                 "at_common_time": _ms(at_t),
@@ -107,6 +109,29 @@ def _fmt(ms: tuple[float, float], digits: int = 4) -> str:
     return f"{m:.{digits}g} ± {s:.2g}"
 
 
+def summary_table(summary: Sequence[Mapping[str, Any]], metric: str, higher: bool):
+    """A compact ``rich.table.Table`` of the summary for the terminal."""
+    from rich.table import Table
+
+    arrow = "↑" if higher else "↓"
+    t = Table(title=f"{metric} {arrow} (mean ± std over seeds)")
+    common = summary[0]["common_time"] if summary else math.nan
+    for col in ("optimizer", "seeds (div.)", "final", "best", f"@ {common:.3g} s", "time to target",
+                "steps/s"):  # fmt: skip
+        t.add_column(col)
+    for r in summary:
+        t.add_row(
+            r["optimizer"],
+            f"{r['seeds']} ({r['diverged']})",
+            _fmt(r["final"]),
+            _fmt(r["best"]),
+            _fmt(r["at_common_time"]),
+            f"{_fmt(r['time_to_target'], 3)} s ({r['reached']})" if r["reached"] else "-",
+            _fmt(r["steps_per_s"], 4),
+        )
+    return t
+
+
 def summary_markdown(summary: Sequence[Mapping[str, Any]], metric: str, higher: bool) -> str:
     """The Markdown table of :func:`summarize`'s output."""
     if not summary:
@@ -115,7 +140,7 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], metric: str, higher: 
     target = summary[0]["target"]
     arrow = "↑" if higher else "↓"
     head = (
-        f"| optimizer | seeds | final {metric} {arrow} | best {metric} | {metric} @ {t:.3g} s "
+        f"| optimizer | seeds (diverged) | final {metric} {arrow} | best {metric} | {metric} @ {t:.3g} s "
         f"| time to {target} (s) | steps to {target} | reached | steps/s | train s | eval s "
         "| hyper-parameters |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -124,7 +149,7 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], metric: str, higher: 
     for r in summary:
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
         lines.append(
-            f"| {r['optimizer']} | {r['seeds']} | {_fmt(r['final'])} | {_fmt(r['best'])} "
+            f"| {r['optimizer']} | {r['seeds']} ({r['diverged']}) | {_fmt(r['final'])} | {_fmt(r['best'])} "
             f"| {_fmt(r['at_common_time'])} | {_fmt(r['time_to_target'], 3)} "
             f"| {_fmt(r['steps_to_target'], 3)} | {r['reached']} | {_fmt(r['steps_per_s'], 4)} "
             f"| {_fmt(r['train_time'], 3)} | {_fmt(r['eval_time'], 2)} | {hp} |"
@@ -156,7 +181,7 @@ def plot_runs(
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    all_vals = []
+    all_vals, all_losses = [], []
     for i, (opt, seeds) in enumerate(runs.items()):
         seeds = [rs for rs in seeds if rs]
         if not seeds:
@@ -174,16 +199,21 @@ def plot_runs(
         tl = np.array([[r.get("train_loss", math.nan) for r in rs[1:n]] for rs in seeds], float)
         if tl.size and np.isfinite(tl).any():
             _band(axes[2], st[1:], tl, label, col)
+            all_losses.append(tl[np.isfinite(tl) & (tl > 0)])
     if all_vals:
         v = np.concatenate(all_vals)
         if v.size:
-            lo, hi = np.percentile(v, [0, 90 if not higher_is_better else 100])
-            lo2, hi2 = np.percentile(v, [10 if higher_is_better else 0, 100])
-            if higher_is_better:
-                lo, hi = lo2, hi2
+            # robust limits: the metric is spiky on data with outliers (one far test point)
+            lo, hi = (np.percentile(v, 5), v.max()) if higher_is_better else (v.min(), None)
+            if hi is None:
+                hi = min(np.percentile(v, 97), 2.0 * np.percentile(v, 50) - v.min())
             pad = 0.05 * (hi - lo + 1e-12)
             for ax in axes[:2]:
                 ax.set_ylim(lo - pad, hi + pad)
+    if all_losses:
+        tl = np.concatenate(all_losses)
+        if tl.size:
+            axes[2].set_ylim(0.8 * tl.min(), 1.25 * np.percentile(tl, 98))
     axes[0].set_xlabel("training wall-clock (s, log; compilation and evaluation excluded)")
     axes[0].set_xscale("log")
     axes[1].set_xlabel(x_label)

@@ -279,7 +279,10 @@ def run_experiment(
                     "winner": hp,
                 }  # fmt: skip
             )
-            rep.log(f"tuned {opt}: {hp} (validation {spec.metric} {scores[best]:.4g})")
+            rep.log(
+                f"tuned {opt}: {hp} ({tune_split} {spec.metric}, median of the last 5 "
+                f"evaluations: {scores[best]:.4g})"
+            )
         keys = []
         for seed in seed_list:
             cfg = make_cfg(opt, seed, hp, "test", steps)

@@ -257,8 +257,15 @@ _BUILTIN = {
         "california_housing",
         description="EGN vs Adam vs SGD, regression MLP, test RMSE (100k USD) - the main job",
         target=0.6,
-        steps=1500,
+        steps=3000,
         seeds=3,
+        eval_every=50,
+        # winners of `--tune --time-budget 10` (docs/results.md); batch 128 for Adam / SGD
+        hparams={
+            "egn": {"learning_rate": 1.0, "damping": 0.3, "damping_min": 0.3, "batch_size": 32},
+            "adam": {"learning_rate": 0.01},
+            "sgd": {"learning_rate": 0.05},
+        },
     ),
     "diamonds": supervised_experiment(
         "diamonds", description="regression MLP, test RMSE (USD)", target=800.0, steps=1500
