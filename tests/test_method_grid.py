@@ -34,6 +34,7 @@ METHODS = {
     "egn": lambda fn, loss: gn.egn(fn, loss=loss),
     "egn_cg": lambda fn, loss: gn.egn(fn, loss=loss, solver="cg", max_cg_iters=20),
     "sgn": lambda fn, loss: sgn(fn, loss=loss),
+    # Cai et al.: fixed step, constant λ; a full step with tiny λ oscillates on b = 8 < d
     "ggn": lambda fn, loss: gram_gauss_newton(fn, learning_rate=0.5, damping=0.1),
     "dual_gn": lambda fn, loss: dual_gn(fn, loss=loss, damping=1e-2, max_inner_iters=3),
     "ignd": lambda fn, loss: ignd(fn, loss=loss, learning_rate=0.5, damping=1e-3),
