@@ -46,13 +46,13 @@ Adaptive damping measures ``ρ`` against the prox-linear model: predicted change
 
 Example:
     >>> import jax, jax.numpy as jnp, optax
-    >>> import gaussnewton as gn
     >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
     >>> p = {"w1": jnp.ones((3, 4)) * 0.1, "w2": jnp.ones((4, 3)) * 0.1}
     >>> x, y = jnp.ones((8, 3)), jnp.zeros((8,), jnp.int32)
-    >>> opt = gn.dual_gn(fn, loss="softmax_cross_entropy", damping=1e-2, max_inner_iters=3)
+    >>> from gaussnewton.dual import dual_gn, dual_gn_transform
+    >>> opt = dual_gn(fn, loss="softmax_cross_entropy", damping=1e-2, max_inner_iters=3)
     >>> p2, state, info = jax.jit(opt.step)(p, opt.init(p), x, y)
-    >>> tx = optax.chain(gn.dual_gn_transform(fn, loss="softmax_cross_entropy"), optax.adam(1e-3))
+    >>> tx = optax.chain(dual_gn_transform(fn, loss="softmax_cross_entropy"), optax.adam(1e-3))
     >>> s = tx.init(p)
     >>> updates, s = tx.update(p, s, p, x=x, y=y)  # the incoming gradient is recomputed
 """

@@ -12,10 +12,10 @@ non-finite direction, which the step rejects).
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> import gaussnewton as gn
     >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
     >>> p = {"w1": jnp.ones((3, 4)) * 0.1, "w2": jnp.ones((4, 1)) * 0.1}
-    >>> opt = gn.gram_gauss_newton(fn, learning_rate=1.0, damping=1e-2)
+    >>> from gaussnewton.gram_gauss_newton import gram_gauss_newton
+    >>> opt = gram_gauss_newton(fn, learning_rate=1.0, damping=1e-2)
     >>> p, state, info = jax.jit(opt.step)(p, opt.init(p), jnp.ones((8, 3)), jnp.zeros((8,)))
 """
 

@@ -18,10 +18,10 @@ pass ``tx=optax.scale_by_adam()`` (it receives the descent direction).
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> import gaussnewton as gn
     >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
     >>> p = {"w1": jnp.ones((3, 4)) * 0.1, "w2": jnp.ones((4, 1)) * 0.1}
-    >>> opt = gn.ignd(fn, loss="squared_error", learning_rate=0.5)
+    >>> from gaussnewton.ignd import ignd
+    >>> opt = ignd(fn, loss="squared_error", learning_rate=0.5)
     >>> p, state, info = jax.jit(opt.step)(p, opt.init(p), jnp.ones((8, 3)), jnp.zeros((8,)))
 """
 

@@ -22,10 +22,10 @@ rule ``ρ < ¼ → λ·3/2``, ``ρ > ¾ → λ·2/3``, ``λ ≥ 1e-6``.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> import gaussnewton as gn
     >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
     >>> p = {"w1": jnp.ones((3, 4)) * 0.1, "w2": jnp.ones((4, 1)) * 0.1}
-    >>> opt = gn.sgn(fn, loss="squared_error")
+    >>> from gaussnewton.sgn import sgn
+    >>> opt = sgn(fn, loss="squared_error")
     >>> state = opt.init(p)
     >>> p, state, info = jax.jit(opt.step)(p, state, jnp.ones((8, 3)), jnp.zeros((8,)))
 """

@@ -13,10 +13,10 @@ always a descent direction. The history is a ring buffer in ``method_state`` (fl
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> import gaussnewton as gn
     >>> fn = lambda p, x: x @ p["w"]
     >>> p = {"w": jnp.zeros((3, 1))}
-    >>> opt = gn.sqn(fn, loss="squared_error", history=5)
+    >>> from gaussnewton.sqn import sqn
+    >>> opt = sqn(fn, loss="squared_error", history=5)
     >>> p, state, info = jax.jit(opt.step)(p, opt.init(p), jnp.ones((8, 3)), jnp.ones((8,)))
 """
 
