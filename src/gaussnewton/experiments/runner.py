@@ -256,8 +256,9 @@ def run_experiment(
     for opt in optimizers:
         hp = base_hparams(opt)
         if grids[opt]:
-            candidates = [{**get_optimizer(opt).defaults, **g, **hparams.get("*", {}),
-                           **hparams.get(opt, {})} for g in grids[opt]]  # fmt: skip
+            candidates = [{**get_optimizer(opt).defaults, **spec.default_hparams.get(opt, {}),
+                           **g, **hparams.get("*", {}), **hparams.get(opt, {})}
+                          for g in grids[opt]]  # fmt: skip
             scores = []
             for i, cand in enumerate(candidates):
                 cfg = make_cfg(opt, tune_seed, cand, tune_split, tune_steps)
