@@ -374,7 +374,8 @@ def egn(
             ``K v`` products (METHODS §4.1), at most ``max_cg_iters`` iterations (``None``: the
             row-space dimension) until the residual max-norm is ``<= cg_tol``; with
             ``cg_warm_start`` it starts from the previous step's direction mapped to the row space
-            (see :mod:`gaussnewton.cg`). ``info.cg_iters`` / ``info.cg_residual`` report the solve.
+            (see :mod:`gaussnewton.cg`; ``gram`` is not used). ``info.cg_iters`` /
+            ``info.cg_residual`` report the solve.
 
     Example:
         >>> import jax, jax.numpy as jnp
