@@ -92,8 +92,11 @@ def test_mlp_takes_structured_path_for_every_leaf():
     plans = explain(model_fn, params, x1)
     assert set(plans) == {"['w1']", "['w2']", "['w3']", "['b1']", "['b2']", "['b3']"}
     for name, plan in plans.items():
-        expected = ("dense", "factored") if "w" in name else ("bias", "per-example-gradient")
+        expected = ("dense", "factored") if "w" in name else ("bias", "factored")
         assert (plan.rule, plan.method) == expected, (name, plan)
+        if "b" in name:  # folded into the dense rule of the layer it is added to
+            assert plan.reason == f"merged into the dense rule of {name.replace('b', 'w')}"
+            assert plans[name.replace("b", "w")].forms[0].with_bias
 
 
 def test_rules_chosen_for_the_zoo():

@@ -17,6 +17,7 @@ parameters, a parameter returned as output, unusual primitives) marks the leaf `
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,8 @@ class Use:
       params: the equation's parameters (dimension numbers, ...).
       out_shape: per-example shape of the equation's output.
       other_shape: per-example shape of the other operand (dense only).
+      other_producer: path of the equation (same scope) that produced the other operand, when
+        that operand has no other consumer (lets a bias merge into the dense rule before it).
     """
 
     kind: str
@@ -49,6 +52,7 @@ class Use:
     params: dict
     out_shape: tuple[int, ...]
     other_shape: tuple[int, ...] = ()
+    other_producer: Path | None = None
 
 
 @dataclass
@@ -137,8 +141,15 @@ def analyze(jaxpr: Jaxpr, num_params: int, differentiable: list[bool]) -> list[L
 
 
 def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> None:
+    consumers = Counter(
+        v for e in jaxpr.eqns for v in e.invars if not isinstance(v, Literal)
+    ) + Counter(v for v in jaxpr.outvars if not isinstance(v, Literal))
+    producer = {}
     for i, eqn in enumerate(jaxpr.eqns):
         here = path + (i,)
+        if sub_jaxpr(eqn) is None:
+            for v in eqn.outvars:
+                producer[v] = here
         derived = [
             (pos, origin[v])
             for pos, v in enumerate(eqn.invars)
@@ -174,7 +185,17 @@ def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> 
         pos, (leaf, idx) = derived[0]
         other = [v for j, v in enumerate(eqn.invars) if j != pos]
         other_shape = tuple(other[0].aval.shape) if other else ()
+        other_producer = None
+        if len(other) == 1 and not isinstance(other[0], Literal) and consumers[other[0]] == 1:
+            other_producer = producer.get(other[0])
         use = Use(
-            kind, here, pos, idx, dict(eqn.params), tuple(eqn.outvars[0].aval.shape), other_shape
+            kind,
+            here,
+            pos,
+            idx,
+            dict(eqn.params),
+            tuple(eqn.outvars[0].aval.shape),
+            other_shape,
+            other_producer,
         )
         result[leaf].uses.append(use)

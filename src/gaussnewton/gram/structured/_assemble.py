@@ -10,7 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._analysis import LeafUses, analyze
-from ._cost import CONSTANT, DENSE, DENSE_METHODS, PERGRAD, EmbedForm, LeafPlan, plan_leaf
+from ._cost import (
+    CONSTANT,
+    DENSE,
+    DENSE_METHODS,
+    PERGRAD,
+    EmbedForm,
+    LeafPlan,
+    merge_biases,
+    plan_leaf,
+)
 from ._jaxpr import Traced, evaluate, trace, walk
 
 _HI = jax.lax.Precision.HIGHEST
@@ -44,13 +53,15 @@ def make_plan(
     except Exception as err:  # an analysis bug must not break training: stay exact
         found = [LeafUses(fallback=f"analysis failed ({type(err).__name__}: {err})") for _ in named]
     plans = []
-    for (path, leaf), fl, f in zip(named, floating, found, strict=True):
+    sizes = [int(np.prod(jnp.shape(leaf), dtype=np.int64)) for _, leaf in named]
+    for (path, _), fl, f, size in zip(named, floating, found, sizes, strict=True):
         name = jax.tree_util.keystr(path)
         if not fl:
             plans.append(LeafPlan(name, CONSTANT))
             continue
-        size = int(np.prod(jnp.shape(leaf), dtype=np.int64))
         plans.append(plan_leaf(name, f, size, n1, n2, traced.num_outputs, dense_method))
+    if dense_method != PERGRAD:
+        merge_biases(plans, found, sizes)
     return traced, plans
 
 
@@ -64,7 +75,7 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
     closed = traced.jaxpr
     k = traced.num_outputs
     grad_idx = [p for p, pl in enumerate(plans) if pl.method == PERGRAD]
-    dense_idx = [p for p, pl in enumerate(plans) if pl.method == DENSE]
+    dense_idx = [p for p, pl in enumerate(plans) if pl.method == DENSE and pl.forms]
     forms = [f for p in dense_idx for f in plans[p].forms]
     eqns = {path: eqn for path, eqn, _ in walk(closed.jaxpr)}
     out_avals = [eqns[f.path].outvars[0].aval for f in forms]
@@ -103,7 +114,10 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
                 A.append(jnp.clip(ids, 0, f.V - 1))
                 G.append(g)
             else:
-                A.append(jnp.transpose(a, f.a_perm).reshape(f.B, f.T, f.Cin))
+                a = jnp.transpose(a, f.a_perm).reshape(f.B, f.T, f.Cin)
+                if f.with_bias:
+                    a = jnp.concatenate([a, jnp.ones((f.B, f.T, 1), a.dtype)], axis=-1)
+                A.append(a)
                 G.append(g.reshape(k, f.B, f.T, f.Cout))
         A_leaf, G_leaf, start = [], [], 0
         for p in dense_idx:  # merge the uses of one leaf along positions T
@@ -121,22 +135,35 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
 
 def _embed_block(ids1, G1, ids2, G2):
     """``sum_{t,s} [id1_it == id2_js] (G1_ikt . G2_jls)`` -> (n1, k, n2, k)."""
-    eq = (ids1[:, None, :, None] == ids2[None, :, None, :]).astype(G1.dtype)
-    GG = jnp.einsum("iktd,jlsd->ikjlts", G1, G2, precision=_HI)
-    return jnp.einsum("ijts,ikjlts->ikjl", eq, GG, precision=_HI)
+    n1, k, T, _ = G1.shape
+    n2, _, S, _ = G2.shape
+    eq = (ids1[:, :, None, None] == ids2[None, None, :, :]).astype(G1.dtype)  # (n1, T, n2, S)
+    g1 = jnp.swapaxes(G1, 1, 2).reshape(n1 * T * k, -1)  # rows (i, t, k)
+    g2 = jnp.swapaxes(G2, 1, 2).reshape(n2 * S * k, -1)
+    GG = jnp.matmul(g1, g2.T, precision=_HI).reshape(n1, T, k, n2, S, k)
+    return jnp.einsum("itjs,itkjsl->ikjl", eq, GG, precision=_HI)
 
 
 def _dense_block(A1, G1, A2, G2):
-    """``sum_b sum_{t,s} (A1_i[b,t] . A2_j[b,s]) (G1_ik[b,t] . G2_jl[b,s])`` -> (n1, k, n2, k)."""
-    if A1.shape[2] == 1:  # one position: K = (a_i . a_j) (G_ik . G_jl)
-        AA = jnp.einsum("ibc,jbc->ijb", A1[:, :, 0], A2[:, :, 0], precision=_HI)
-        GG = jnp.einsum("ikbc,jlbc->ikjlb", G1[:, :, :, 0], G2[:, :, :, 0], precision=_HI)
-        if AA.shape[-1] == 1:
-            return AA[:, None, :, None, 0] * GG[..., 0]
-        return jnp.einsum("ijb,ikjlb->ikjl", AA, GG, precision=_HI)
-    AA = jnp.einsum("ibtc,jbsc->ijbts", A1, A2, precision=_HI)
-    GG = jnp.einsum("ikbtc,jlbsc->ikjlbts", G1, G2, precision=_HI)
-    return jnp.einsum("ijbts,ikjlbts->ikjl", AA, GG, precision=_HI)
+    """``sum_b sum_{t,s} (A1_i[b,t] . A2_j[b,s]) (G1_ik[b,t] . G2_jl[b,s])`` -> (n1, k, n2, k).
+
+    ``A`` is ``(n, B, T, C_in)``, ``G`` is ``(n, k, B, T, C_out)``; contractions are written as
+    plain (batched) matrix products with the batch axis ``B`` leading (fast layouts on CPU).
+    """
+    n1, k, B, T, _ = G1.shape
+    n2 = G2.shape[0]
+    if B == 1 and T == 1:  # K = (a_i . a_j) (G_ik . G_jl): two matmuls and a broadcast product
+        AA = jnp.matmul(A1[:, 0, 0], A2[:, 0, 0].T, precision=_HI)
+        g1, g2 = G1[:, :, 0, 0].reshape(n1 * k, -1), G2[:, :, 0, 0].reshape(n2 * k, -1)
+        GG = jnp.matmul(g1, g2.T, precision=_HI).reshape(n1, k, n2, k)
+        return AA[:, None, :, None] * GG
+    a1 = jnp.moveaxis(A1, 1, 0).reshape(B, n1 * T, -1)  # (B, n1 T, C_in), rows (i, t)
+    a2 = jnp.moveaxis(A2, 1, 0).reshape(B, n2 * T, -1)
+    g1 = jnp.transpose(G1, (2, 0, 3, 1, 4)).reshape(B, n1 * T * k, -1)  # rows (i, t, k)
+    g2 = jnp.transpose(G2, (2, 0, 3, 1, 4)).reshape(B, n2 * T * k, -1)
+    AA = jnp.matmul(a1, jnp.swapaxes(a2, 1, 2), precision=_HI).reshape(B, n1, T, n2, T)
+    GG = jnp.matmul(g1, jnp.swapaxes(g2, 1, 2), precision=_HI).reshape(B, n1, T, k, n2, T, k)
+    return jnp.einsum("bitjs,bitkjsl->ikjl", AA, GG, precision=_HI)
 
 
 def structured_gram(
@@ -180,5 +207,6 @@ def structured_gram(
         block = _embed_block if a1.ndim == 2 else _dense_block  # ids (n, T) vs A (n, B, T, C)
         K = K + block(a1, g1, a2, g2).astype(dtype)
     if V1.shape[-1]:
-        K = K + jnp.einsum("ikp,jlp->ikjl", V1, V2, precision=_HI).astype(dtype)
+        V = jnp.matmul(V1.reshape(n1 * k, -1), V2.reshape(n2 * k, -1).T, precision=_HI)
+        K = K + V.reshape(n1, k, n2, k).astype(dtype)
     return K

@@ -46,6 +46,7 @@ class DenseForm:
     T: int
     Cin: int
     Cout: int
+    with_bias: bool = False  # a bias added right after: A gets a column of ones
 
 
 @dataclass
@@ -222,3 +223,32 @@ def _plan_embedding(name, found, size, n1, n2, k, dense_method) -> LeafPlan:
             else ("per-example gradients are cheaper (flop model)")
         )
     return plan
+
+
+def merge_biases(plans: list[LeafPlan], found: list[LeafUses], sizes: list[int]) -> None:
+    """Fold bias leaves into the factored dense rule of the ``dot_general`` they are added to.
+
+    For ``z = a W + b`` (the dot's output used only by the add, ``b`` broadcast over positions)
+    ``dz/db`` is ``G`` summed over positions, so ``K_W + K_b = sum_{t,s} (a_t . a_s + 1)(G_t . G_s)``:
+    a column of ones appended to ``A`` replaces the bias' own per-example gradients.
+    """
+    dense_at = {
+        pl.forms[0].path: pl
+        for pl in plans
+        if pl.method == DENSE and len(pl.forms) == 1 and isinstance(pl.forms[0], DenseForm)
+    }
+    for pl, f, size in zip(plans, found, sizes, strict=True):
+        if pl.rule != "bias" or len(f.uses) != 1:
+            continue
+        use = f.uses[0]  # add / sub: the sign of dz/db cancels in the Gram
+        target = dense_at.get(use.other_producer)
+        if target is None or target.forms[0].with_bias or target.forms[0].B != 1:
+            continue
+        form = target.forms[0]
+        if tuple(use.index.shape) != tuple(use.out_shape):
+            continue
+        canon = np.transpose(use.index, form.g_perm).reshape(form.T, form.Cout)
+        if not np.all(canon == canon[:1]) or not _is_bijection(canon[0], size):
+            continue
+        form.with_bias = True
+        pl.method, pl.reason = DENSE, f"merged into the dense rule of {target.name}"
