@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default results/<experiment>)")
     r.add_argument("--batch-size", type=int, help="mini-batch size")
     r.add_argument("--eval-every", type=int, help="evaluate every N steps")
-    r.add_argument("--time-budget", type=float, help="training seconds per run (stops early)")
+    r.add_argument(
+        "--time-budget", type=float, help="training seconds per run (stops early); 0: none"
+    )
     r.add_argument("--tune", action="store_true", help="tune each optimizer on validation first")
     r.add_argument("--tune-steps", type=int, help="steps of each tuning run (default --steps)")
     r.add_argument(
@@ -122,7 +124,6 @@ class _RichReporter:
     def __init__(self, console, quiet: bool):
         from rich.progress import (
             BarColumn,
-            MofNCompleteColumn,
             Progress,
             TextColumn,
             TimeElapsedColumn,
@@ -134,7 +135,7 @@ class _RichReporter:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
             TextColumn("{task.fields[metric]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
@@ -142,9 +143,10 @@ class _RichReporter:
             disable=quiet,
         )
         self.task = None
-        self.done_before = 0
-        self.run_steps = 0
-        self.current = 0
+        self.done_before = 0.0
+        self.run_size = 0.0
+        self.current = 0.0
+        self.unit = "steps"
 
     def __enter__(self):
         self.progress.__enter__()
@@ -153,22 +155,23 @@ class _RichReporter:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def plan(self, total_steps):
-        self.task = self.progress.add_task("starting", total=total_steps, metric="")
+    def plan(self, total, unit):
+        self.unit = unit
+        self.task = self.progress.add_task("starting", total=total, metric="")
 
-    def start(self, label, steps):
-        self.run_steps, self.current = steps, 0
+    def start(self, label, size):
+        self.run_size, self.current = size, 0
         self.progress.update(self.task, description=label)
 
     def row(self, label, row):
-        step = int(row.get("step", 0))
-        self.current = min(step, self.run_steps)
+        done = float(row.get("train_time", 0.0)) if self.unit == "s" else int(row.get("step", 0))
+        self.current = min(done, self.run_size)
         metric = next((f"{k}={row[k]:.4g}" for k in row if k.startswith(("test_", "val_"))
-                       and not k.endswith("loss")), "")  # fmt: skip
+                       and not k.endswith("loss") and row[k] is not None), "")  # fmt: skip
         self.progress.update(self.task, completed=self.done_before + self.current, metric=metric)
 
     def finish(self, label, skipped):
-        self.done_before += self.run_steps
+        self.done_before += self.run_size
         self.progress.update(self.task, completed=self.done_before)
         if not self.quiet:
             self.progress.console.print(f"  {'skipped (done)' if skipped else 'finished'}: {label}")

@@ -31,9 +31,11 @@ __all__ = ["run_experiment", "ExperimentResult", "Reporter", "select_winner"]
 class Reporter(Protocol):
     """Progress callbacks (the CLI draws a rich progress bar with them)."""
 
-    def plan(self, total_steps: int) -> None: ...
+    def plan(self, total: float, unit: str) -> None:
+        """``total`` work in ``unit``: "steps", or "s" (training seconds) under a time budget."""
 
-    def start(self, label: str, steps: int) -> None: ...
+    def start(self, label: str, size: float) -> None:
+        """A run of ``size`` units begins."""
 
     def row(self, label: str, row: Mapping[str, Any]) -> None: ...
 
@@ -43,10 +45,10 @@ class Reporter(Protocol):
 
 
 class _Silent:
-    def plan(self, total_steps):
+    def plan(self, total, unit):
         pass
 
-    def start(self, label, steps):
+    def start(self, label, size):
         pass
 
     def row(self, label, row):
@@ -145,6 +147,8 @@ def run_experiment(
     batch_size = batch_size or spec.default_batch_size
     eval_every = int(eval_every or spec.default_eval_every)
     time_budget = time_budget if time_budget is not None else spec.default_time_budget
+    if time_budget is not None and time_budget <= 0:
+        time_budget = None  # --time-budget 0: no wall-clock limit, steps only
     opts = {**spec.options, **(options or {})}
     hparams = {k: dict(v) for k, v in (hparams or {}).items()}
     out = Path(out or Path("results") / name)
@@ -183,13 +187,19 @@ def run_experiment(
     for opt in optimizers:
         grid = [dict(g) for g in get_optimizer(opt).grid] if tune else []
         grids[opt] = grid
-        total += len(grid) * tune_steps + len(seed_list) * steps
-    rep.plan(total)
+        if time_budget is not None:
+            total += (len(grid) + len(seed_list)) * time_budget
+        else:
+            total += len(grid) * tune_steps + len(seed_list) * steps
+    rep.plan(total, "s" if time_budget is not None else "steps")
+
+    def size(cfg: RunConfig) -> float:
+        return cfg.time_budget if cfg.time_budget is not None else cfg.steps
 
     def execute(cfg: RunConfig, label: str) -> list[dict[str, Any]] | None:
         key = cfg.key
         if key in done:
-            rep.start(label, cfg.steps)
+            rep.start(label, size(cfg))
             rep.finish(label, skipped=True)
             return records.rows({key}).get(key, [])
         attempt = uuid.uuid4().hex[:8]
@@ -203,7 +213,7 @@ def run_experiment(
                 "versions": versions(),
             }  # fmt: skip
         )
-        rep.start(label, cfg.steps)
+        rep.start(label, size(cfg))
         rows, t0 = [], time.perf_counter()
         try:
             for row in spec.run(cfg):
