@@ -100,7 +100,12 @@ def _cmd_list() -> int:
     for col in ("name", "metric", "defaults", "description"):
         t.add_column(col)
     for name, spec in list_experiments().items():
-        d = f"{','.join(spec.default_optimizers)}; {spec.default_steps} steps x {spec.default_seeds}"
+        budget = (
+            f"{spec.default_time_budget:g} s"
+            if spec.default_time_budget
+            else f"{spec.default_steps} steps"
+        )
+        d = f"{','.join(spec.default_optimizers)}; {budget} x {spec.default_seeds} seeds"
         t.add_row(name, spec.metric, d, spec.description)
     console.print(t)
     t = Table(title="optimizers (--optimizers a,b,c)")

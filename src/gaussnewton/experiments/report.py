@@ -204,12 +204,16 @@ def plot_runs(
         v = np.concatenate(all_vals)
         if v.size:
             # robust limits: the metric is spiky on data with outliers (one far test point)
-            lo, hi = (np.percentile(v, 5), v.max()) if higher_is_better else (v.min(), None)
-            if hi is None:
-                hi = min(np.percentile(v, 97), 2.0 * np.percentile(v, 50) - v.min())
-            pad = 0.05 * (hi - lo + 1e-12)
+            if higher_is_better:
+                lo, hi = np.percentile(v, 5), v.max()
+                pad = 0.05 * (hi - lo + 1e-12)
+                lo, hi = lo - pad, hi + pad
+            else:
+                lo, hi = 0.97 * v.min(), min(np.percentile(v, 99), 10.0 * v.min())
             for ax in axes[:2]:
-                ax.set_ylim(lo - pad, hi + pad)
+                if not higher_is_better and v.min() > 0:
+                    ax.set_yscale("log")
+                ax.set_ylim(lo, hi)
     if all_losses:
         tl = np.concatenate(all_losses)
         if tl.size:
