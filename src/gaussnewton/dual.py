@@ -107,7 +107,8 @@ def _kind(loss: Loss) -> str:
 
 
 class DualSolve(NamedTuple):
-    """The dual solution ``α`` (``(b, c)``), inner steps run and the final projected-gradient max-norm."""
+    """The dual solution ``α`` (``(b, c)``), inner steps run, and the optimality residual of the
+    last inner iterate: ``max |p − softmax(f − K α / μ)|`` (``α* = ∇l(f + J v(α*))``)."""
 
     alpha: jax.Array
     iters: jax.Array
@@ -205,8 +206,8 @@ def _simplex_dual(f, y, k, mu, num_iters: int) -> DualSolve:
         return p_new, jnp.where(better, a_new, best)
 
     p, best = jax.lax.fori_loop(0, num_iters, newton, (p, alpha_c))
-    grad = ascent_grad(p)
-    resid = jnp.max(jnp.abs(grad - jnp.mean(grad, axis=-1, keepdims=True)))
+    # optimality: α* = ∇l(f + J v(α*)), i.e. p = softmax(f − K α / μ) (a probability mismatch)
+    resid = jnp.max(jnp.abs(p - jax.nn.softmax(f - kmul(p - y) / mu, axis=-1)))
     return DualSolve(best, jnp.asarray(num_iters, jnp.int32), resid)
 
 
@@ -261,8 +262,9 @@ def dual_gn(
         learning_rate: step size (``α_max`` with the line search); number or schedule.
         damping: ``λ = 1/γ > 0`` of the proximity term (start value if adaptive).
         max_inner_iters: Newton steps on the dual (any number ``≥ 0`` gives a descent direction;
-            ``0`` gives the Cauchy point ``−τ∇L``). ``info.cg_iters`` reports it and ``info.cg_residual`` the
-            final projected dual-gradient max-norm.
+            ``0`` gives the Cauchy point ``−τ∇L``). ``info.cg_iters`` reports it and
+            ``info.cg_residual`` the optimality residual ``max |p − softmax(f − Kα/μ)|`` of the
+            last inner iterate (0 for squared error, solved exactly).
         damping_policy, line_search, momentum, tx, gram: as in :func:`gaussnewton.egn`.
     """
     loss_obj = check_common(
