@@ -74,12 +74,13 @@ def layernorm_residual():
     ks = _keys(2)
 
     def f(p, x):
-        h = x @ p["w1"]
-        h = h + jnp.tanh(_layer_norm(h, p["g"], p["beta"]) @ p["w2"])
+        h = x @ p["w1"]  # used twice: the bias b1 must NOT fold into w1's dense rule
+        h = h + jnp.tanh(_layer_norm(h + p["b1"], p["g"], p["beta"]) @ p["w2"])
         return h @ p["w3"]
 
     p = {
         "w1": _normal(ks[2], (3, 4)),
+        "b1": _normal(ks[7], (4,), 0.1),
         "g": 1.0 + _normal(ks[3], (4,), 0.1),
         "beta": _normal(ks[4], (4,), 0.1),
         "w2": _normal(ks[5], (4, 4)),

@@ -119,6 +119,15 @@ def test_rules_chosen_for_the_zoo():
     emb = explain(*ZOO["embedding"]()[:3], dense_method="factored")["['E']"]
     assert (emb.rule, emb.method, len(emb.forms)) == ("embedding", "factored", 2)
     assert [f.fill for f in emb.forms] == [False, True]
+    ln = explain(*ZOO["layernorm_residual"]()[:3])
+    assert ln["['b1']"].method == "per-example-gradient"  # w1's output has two consumers
+    assert not ln["['w1']"].forms[0].with_bias
+    assert (ln["['g']"].rule, ln["['beta']"].rule) == ("scale", "bias")
+    assert tf["['c1']"].method == "factored"  # implicit size-1 broadcast in the add
+    nnx_plans = explain(*ZOO["flax_nnx"]()[:3])
+    assert nnx_plans["['l1']['bias'].value"].method == "factored"
+    eqx_plans = explain(*ZOO["equinox_mlp"]()[:3])  # W @ x, transposed, then + b
+    assert all(p.method == "factored" for p in eqx_plans.values())
     tied = explain(*ZOO["tied_weights"]()[:3])
     assert tied["['E']"].rule == "mixed" and tied["['E']"].kinds == ("dense", "embedding")
 

@@ -41,8 +41,10 @@ class Use:
       params: the equation's parameters (dimension numbers, ...).
       out_shape: per-example shape of the equation's output.
       other_shape: per-example shape of the other operand (dense only).
-      other_producer: path of the equation (same scope) that produced the other operand, when
-        that operand has no other consumer (lets a bias merge into the dense rule before it).
+      other_producer: path of the ``dot_general`` (same scope) whose output, possibly through
+        single-consumer transposes / reshapes (``other_chain``), is the other operand and has no
+        other consumer: lets a bias merge into the dense rule before it.
+      other_chain: those views, as ``(primitive name, params, input shape)``.
     """
 
     kind: str
@@ -53,6 +55,7 @@ class Use:
     out_shape: tuple[int, ...]
     other_shape: tuple[int, ...] = ()
     other_producer: Path | None = None
+    other_chain: tuple = ()
 
 
 @dataclass
@@ -140,16 +143,42 @@ def analyze(jaxpr: Jaxpr, num_params: int, differentiable: list[bool]) -> list[L
     return result
 
 
+_OUTPUT_VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy_p"})
+
+
+def _track_dot_output(eqn, here: Path, from_dot: dict, consumers: Counter) -> None:
+    """Follow ``dot_general`` outputs through single-consumer transposes / reshapes."""
+    name = eqn.primitive.name
+    if name == "dot_general":
+        from_dot[eqn.outvars[0]] = (here, ())
+    elif name in _OUTPUT_VIEWS and len(eqn.invars) == 1 and len(eqn.outvars) == 1:
+        v = eqn.invars[0]
+        if not isinstance(v, Literal) and v in from_dot and consumers[v] == 1:
+            if name == "reshape" and eqn.params.get("dimensions") is not None:
+                return
+            dot, chain = from_dot[v]
+            step = (name, dict(eqn.params), tuple(v.aval.shape))
+            from_dot[eqn.outvars[0]] = (dot, chain + (step,))
+
+
+def undo_output_views(idx: np.ndarray, chain: tuple) -> np.ndarray:
+    """Map an index array laid out like the end of ``chain`` back to the dot output layout."""
+    for name, params, in_shape in reversed(chain):
+        if name == "transpose":
+            idx = np.transpose(idx, np.argsort(params["permutation"]))
+        elif name == "reshape":
+            idx = np.reshape(idx, in_shape)
+    return idx
+
+
 def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> None:
     consumers = Counter(
         v for e in jaxpr.eqns for v in e.invars if not isinstance(v, Literal)
     ) + Counter(v for v in jaxpr.outvars if not isinstance(v, Literal))
-    producer = {}
+    from_dot: dict = {}  # var -> (path of the dot_general, views applied since)
     for i, eqn in enumerate(jaxpr.eqns):
         here = path + (i,)
-        if sub_jaxpr(eqn) is None:
-            for v in eqn.outvars:
-                producer[v] = here
+        _track_dot_output(eqn, here, from_dot, consumers)
         derived = [
             (pos, origin[v])
             for pos, v in enumerate(eqn.invars)
@@ -185,9 +214,9 @@ def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> 
         pos, (leaf, idx) = derived[0]
         other = [v for j, v in enumerate(eqn.invars) if j != pos]
         other_shape = tuple(other[0].aval.shape) if other else ()
-        other_producer = None
+        other_producer, other_chain = None, ()
         if len(other) == 1 and not isinstance(other[0], Literal) and consumers[other[0]] == 1:
-            other_producer = producer.get(other[0])
+            other_producer, other_chain = from_dot.get(other[0], (None, ()))
         use = Use(
             kind,
             here,
@@ -197,5 +226,6 @@ def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> 
             tuple(eqn.outvars[0].aval.shape),
             other_shape,
             other_producer,
+            other_chain,
         )
         result[leaf].uses.append(use)

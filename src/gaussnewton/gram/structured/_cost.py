@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._analysis import LeafUses, Use
+from ._analysis import LeafUses, Use, undo_output_views
 
 #: methods reported by :func:`gaussnewton.gram.structured.explain` (``LeafPlan.method``).
 DENSE = "factored"  # the (a . a)(G . G) form
@@ -245,9 +245,12 @@ def merge_biases(plans: list[LeafPlan], found: list[LeafUses], sizes: list[int])
         if target is None or target.forms[0].with_bias or target.forms[0].B != 1:
             continue
         form = target.forms[0]
-        if tuple(use.index.shape) != tuple(use.out_shape):
+        try:  # add may broadcast size-1 dimensions implicitly
+            index = np.broadcast_to(use.index, use.out_shape)
+        except ValueError:
             continue
-        canon = np.transpose(use.index, form.g_perm).reshape(form.T, form.Cout)
+        index = undo_output_views(index, use.other_chain)
+        canon = np.transpose(index, form.g_perm).reshape(form.T, form.Cout)
         if not np.all(canon == canon[:1]) or not _is_bijection(canon[0], size):
             continue
         form.with_bias = True
