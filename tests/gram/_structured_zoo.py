@@ -197,6 +197,52 @@ def scan_rnn():
     return f, p, _normal(ks[0], (3, 4, 2), 1.0), _normal(ks[1], (2, 4, 2), 1.0)
 
 
+@jax.custom_vjp
+def _softsign(h):
+    return h / (1.0 + jnp.abs(h))
+
+
+def _softsign_fwd(h):
+    return _softsign(h), h
+
+
+def _softsign_bwd(h, ct):
+    return (ct / (1.0 + jnp.abs(h)) ** 2,)
+
+
+_softsign.defvjp(_softsign_fwd, _softsign_bwd)
+
+
+@jax.custom_jvp
+def _scaled_tanh(h, s):
+    return jnp.tanh(h * s)
+
+
+@_scaled_tanh.defjvp
+def _scaled_tanh_jvp(primals, tangents):
+    (h, s), (dh, ds) = primals, tangents
+    y = jnp.tanh(h * s)
+    return y, (1.0 - y**2) * (dh * s + h * ds)
+
+
+def custom_derivatives():
+    """custom_vjp activation (no parameter inside) and a parameter inside a custom_jvp call."""
+    ks = _keys(14)
+
+    def f(p, x):
+        h = _softsign(x @ p["w1"] + p["b1"])
+        h = _scaled_tanh(h, p["s"])  # s enters a custom_jvp call: fallback for s only
+        return jax.nn.relu(h) @ p["w2"]
+
+    p = {
+        "w1": _normal(ks[2], (3, 4)),
+        "b1": _normal(ks[3], (4,), 0.1),
+        "s": 1.0 + _normal(ks[4], (4,), 0.1),
+        "w2": _normal(ks[5], (4, 2)),
+    }
+    return f, p, _normal(ks[0], (4, 3), 1.0), _normal(ks[1], (2, 3), 1.0)
+
+
 def unused_leaves():
     f0, p, x1, _ = mlp(seed=9)
     p = {"net": p, "extra": {"unused": jnp.ones((5, 2)), "step": jnp.array(3)}}
@@ -269,6 +315,7 @@ ZOO = {
     "two_branches": two_branches,
     "many_positions": many_positions,
     "scan_rnn": scan_rnn,
+    "custom_derivatives": custom_derivatives,
     "unused_leaves": unused_leaves,
     "batch_of_one": batch_of_one,
     "flax_nnx": flax_nnx,

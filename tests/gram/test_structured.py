@@ -104,6 +104,9 @@ def test_rules_chosen_for_the_zoo():
     assert rnn["['wh']"].rule == rnn["['wx']"].rule == rnn["['bh']"].rule == "fallback"
     assert "scan" in rnn["['wh']"].reason
     assert (rnn["['wo']"].rule, rnn["['wo']"].method) == ("dense", "factored")
+    cd = explain(*ZOO["custom_derivatives"]()[:3], dense_method="factored")
+    assert cd["['s']"].rule == "fallback" and "custom_jvp_call" in cd["['s']"].reason
+    assert cd["['w1']"].method == cd["['b1']"].method == cd["['w2']"].method == "factored"
     two = explain(*ZOO["two_branches"]()[:3], dense_method="factored")
     assert two["['W']"].method == "factored" and len(two["['W']"].forms) == 2
     assert two["['V']"].method == "per-example-gradient"  # two different layouts

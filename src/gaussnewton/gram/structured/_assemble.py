@@ -203,10 +203,14 @@ def structured_gram(
     n2 = V2.shape[0]
     dtype = jnp.promote_types(traced.jaxpr.jaxpr.outvars[0].aval.dtype, jnp.float32)
     K = jnp.zeros((n1, k, n2, k), dtype)
-    for a1, g1, a2, g2 in zip(A1, G1, A2, G2, strict=True):
-        block = _embed_block if a1.ndim == 2 else _dense_block  # ids (n, T) vs A (n, B, T, C)
-        K = K + block(a1, g1, a2, g2).astype(dtype)
+    for a1, g1, a2, g2 in zip(A1, G1, A2, G2, strict=True):  # products in >= float32
+        if a1.ndim == 2:  # embedding: row ids (n, T)
+            K = K + _embed_block(a1, g1.astype(dtype), a2, g2.astype(dtype))
+        else:
+            a1, g1, a2, g2 = (u.astype(dtype) for u in (a1, g1, a2, g2))
+            K = K + _dense_block(a1, g1, a2, g2)
     if V1.shape[-1]:
+        V1, V2 = V1.astype(dtype), V2.astype(dtype)
         V = jnp.matmul(V1.reshape(n1 * k, -1), V2.reshape(n2 * k, -1).T, precision=_HI)
         K = K + V.reshape(n1, k, n2, k).astype(dtype)
     return K
