@@ -135,7 +135,17 @@ def test_rules_chosen_for_the_zoo():
     assert tied["['E']"].rule == "mixed" and tied["['E']"].kinds == ("dense", "embedding")
 
 
+def test_memory_guard_prefers_per_example_gradients():
+    from gaussnewton.gram.structured._cost import MEMORY_CAP, _pergrad_better
+
+    assert not _pergrad_better(1e6, 2e6, MEMORY_CAP, 10)  # cheaper and within the cap: factored
+    assert _pergrad_better(1e6, 2e6, MEMORY_CAP + 1, 10)  # (i, j, t, s) too big: per-example
+    assert not _pergrad_better(1e6, 2e6, MEMORY_CAP + 1, MEMORY_CAP + 2)
+
+
 def test_bad_inputs_name_the_problem():
     model_fn, params, x1, _ = ZOO["mlp_tanh"]()
     with pytest.raises(ValueError, match="leading batch size"):
         structured_gram(lambda p, xs: model_fn(p, xs[0]), params, (x1, np.ones((2, 3))))
+    with pytest.raises(ValueError, match="dense_method='dense'"):
+        structured_gram(model_fn, params, x1, dense_method="dense")

@@ -12,7 +12,9 @@ When the view ``W -> W'`` is a bijection (reshape / transpose / convert, no broa
 inner products of ``W'``-gradients equal those of ``W``-gradients, so the canonical form is exact.
 Several dense uses with the *same* canonical map are merged by concatenating positions ``T`` (this
 adds the cross terms between uses). The factored cost ``n1 n2 B T^2 (C_in + k^2 C_out + k^2)`` is
-compared with per-example gradients ``(n1 + n2) k B T C_in C_out + n1 n2 k^2 P``; the cheaper wins.
+compared with per-example gradients ``(n1 + n2) k B T C_in C_out + n1 n2 k^2 P``; the cheaper wins,
+except that the factored form is avoided when its ``(i, j, t, s)`` intermediates would exceed
+``MEMORY_CAP`` entries (long sequences) and per-example gradients are smaller.
 """
 
 from __future__ import annotations
@@ -146,6 +148,18 @@ def embed_form(use: Use) -> tuple[EmbedForm, np.ndarray] | None:
     return form, use.index.reshape(shape[0], D)
 
 
+#: the factored form's (i, j, t, s) intermediates are avoided above this many entries when the
+#: per-example gradients are smaller (2^27 float32 entries = 512 MiB).
+MEMORY_CAP = 1 << 27
+
+
+def _pergrad_better(cost_dense: float, cost_pergrad: float, mem_dense: int, mem_pergrad: int):
+    """Per-example gradients win on flops, or when the factored form alone would blow memory."""
+    if mem_dense > MEMORY_CAP and mem_pergrad < mem_dense:
+        return True
+    return cost_dense > cost_pergrad
+
+
 def _is_bijection(canon: np.ndarray, size: int) -> bool:
     if canon.size != size:
         return False
@@ -184,8 +198,11 @@ def plan_leaf(
     T = sum(f.T for f in forms)
     cost_dense = float(n1 * n2 * f0.B * T * T * (f0.Cin + k * k * f0.Cout + k * k))
     cost_pergrad = float((n1 + n2) * k * f0.B * T * f0.Cin * f0.Cout + n1 * n2 * k * k * size)
+    mem = (n1 * n2 * f0.B * T * T * (1 + k * k), (n1 + n2) * k * size)
     plan = LeafPlan(name, "dense", DENSE, kinds, "", cost_dense, cost_pergrad, list(forms))
-    if dense_method == PERGRAD or (dense_method == "auto" and cost_dense > cost_pergrad):
+    if dense_method == PERGRAD or (
+        dense_method == "auto" and _pergrad_better(cost_dense, cost_pergrad, *mem)
+    ):
         plan.method = PERGRAD
         plan.reason = (
             "per-example gradients requested"
@@ -214,8 +231,11 @@ def _plan_embedding(name, found, size, n1, n2, k, dense_method) -> LeafPlan:
     T, D, V = sum(f.T for f in forms), forms[0].D, forms[0].V
     cost_dense = float(n1 * n2 * T * T * (1 + k * k * D + k * k))
     cost_pergrad = float((n1 + n2) * k * T * D + n1 * n2 * k * k * V * D)
+    mem = (n1 * n2 * T * T * (1 + k * k), (n1 + n2) * k * size)
     plan = LeafPlan(name, "embedding", DENSE, kinds, "", cost_dense, cost_pergrad, list(forms))
-    if dense_method == PERGRAD or (dense_method == "auto" and cost_dense > cost_pergrad):
+    if dense_method == PERGRAD or (
+        dense_method == "auto" and _pergrad_better(cost_dense, cost_pergrad, *mem)
+    ):
         plan.method, plan.forms = PERGRAD, []
         plan.reason = (
             "per-example gradients requested"
