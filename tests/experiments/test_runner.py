@@ -155,6 +155,7 @@ def test_cli_smoke_california_egn_adam_and_resume(tmp_path):
     assert {d["config"]["optimizer"] for d in done.values()} == {"egn", "adam"}
     for d in done.values():
         assert math.isfinite(d["final"]["test_rmse"]) and d["final"]["step"] == 20
+        assert d["config"]["batch_size"] == 32 and "batch_size" not in d["config"]["hparams"]
     rows = next(iter(recs.rows().values()))
     assert [r["step"] for r in rows] == [0, 10, 20]
     assert all(r["train_time"] >= 0 and "eval_time" in r for r in rows)

@@ -144,6 +144,7 @@ def run_experiment(
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}.")
     tune_steps = int(tune_steps or steps)
+    explicit_batch = batch_size is not None
     batch_size = batch_size or spec.default_batch_size
     eval_every = int(eval_every or spec.default_eval_every)
     time_budget = time_budget if time_budget is not None else spec.default_time_budget
@@ -159,10 +160,16 @@ def run_experiment(
     result = ExperimentResult(experiment=name, out=out, records=records.path)
     done = records.done()
 
+    def exp_hparams(opt: str) -> dict[str, Any]:
+        hp = dict(spec.default_hparams.get(opt, {}))
+        if explicit_batch:  # an explicit --batch-size beats the experiment's per-optimizer one
+            hp.pop("batch_size", None)
+        return hp
+
     def base_hparams(opt: str) -> dict[str, Any]:
         return {
             **get_optimizer(opt).defaults,
-            **spec.default_hparams.get(opt, {}),
+            **exp_hparams(opt),
             **hparams.get("*", {}),
             **hparams.get(opt, {}),
         }
@@ -266,7 +273,7 @@ def run_experiment(
     for opt in optimizers:
         hp = base_hparams(opt)
         if grids[opt]:
-            candidates = [{**get_optimizer(opt).defaults, **spec.default_hparams.get(opt, {}),
+            candidates = [{**get_optimizer(opt).defaults, **exp_hparams(opt),
                            **g, **hparams.get("*", {}), **hparams.get(opt, {})}
                           for g in grids[opt]]  # fmt: skip
             scores = []
