@@ -40,6 +40,7 @@ class Problem:
     act: str = "tanh"
     curvature: str = "exact"
     strategies: tuple[str, ...] = ("jacobian", "matvec", "structured")
+    model: str = "mlp"  # or "cnn": sizes = (H, W, C_in, ..., classes), see init_cnn
 
 
 def problems(quick: bool) -> list[Problem]:
@@ -73,6 +74,16 @@ def problems(quick: bool) -> list[Problem]:
             (),  # the Gram of all 1000 outputs would be (128000)^2 entries: never formed
         ),
         Problem(
+            "cnn 28x28 c16-c16-d32-10 b=128 CE sampled m=1",
+            (28, 28, 1, 10),
+            128,
+            ce,
+            "relu",
+            "sampled",
+            ("jacobian", "structured"),
+            "cnn",
+        ),
+        Problem(
             "reg 784-256-256-1 b=128 (same trunk)",
             (784, 256, 256, 1),
             128,
@@ -104,6 +115,29 @@ def init_mlp(key, sizes):
     ]
 
 
+def init_cnn(key, image_and_classes):
+    """Conv 16 3x3 -> ReLU -> maxpool 2 -> Conv 16 3x3 -> ReLU -> maxpool 2 -> Dense 32 -> 10."""
+    h, w, c, classes = image_and_classes
+    k = jax.random.split(key, 4)
+    flat = (h // 4) * (w // 4) * 16
+    return {
+        "c1": {"w": jax.random.normal(k[0], (3, 3, c, 16)) / np.sqrt(9 * c), "b": jnp.zeros(16)},
+        "c2": {"w": jax.random.normal(k[1], (3, 3, 16, 16)) / np.sqrt(144), "b": jnp.zeros(16)},
+        "d1": {"w": jax.random.normal(k[2], (flat, 32)) / np.sqrt(flat), "b": jnp.zeros(32)},
+        "d2": {"w": jax.random.normal(k[3], (32, classes)) / np.sqrt(32), "b": jnp.zeros(classes)},
+    }
+
+
+def cnn_fn(params, x):
+    dn = ("NHWC", "HWIO", "NHWC")
+    for layer in (params["c1"], params["c2"]):
+        x = jax.lax.conv_general_dilated(x, layer["w"], (1, 1), "SAME", dimension_numbers=dn)
+        x = jax.nn.relu(x + layer["b"])
+        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    x = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["d1"]["w"] + params["d1"]["b"])
+    return x @ params["d2"]["w"] + params["d2"]["b"]
+
+
 def timed(fn: Callable, *args, reps: int, budget_s: float) -> list[float]:
     """Times of ``reps`` calls (fewer once ``budget_s`` is spent, at least 3)."""
     out, spent = [], 0.0
@@ -133,9 +167,12 @@ def peak_bytes(compiled) -> int | None:
 def run_problem(p: Problem, steps: int, quick: bool) -> dict:
     key = jax.random.PRNGKey(0)
     kp, kx, ky = jax.random.split(key, 3)
-    params = init_mlp(kp, p.sizes)
-    f = mlp_fn(p.act)
-    x = jax.random.normal(kx, (p.batch, p.sizes[0]))
+    if p.model == "cnn":
+        params, f = init_cnn(kp, p.sizes), cnn_fn
+        x = jax.random.uniform(kx, (p.batch, *p.sizes[:-1]))
+    else:
+        params, f = init_mlp(kp, p.sizes), mlp_fn(p.act)
+        x = jax.random.normal(kx, (p.batch, p.sizes[0]))
     if p.loss == "squared_error":
         y = jax.random.normal(ky, (p.batch, p.sizes[-1]))
     else:
