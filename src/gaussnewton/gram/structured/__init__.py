@@ -1,9 +1,20 @@
 """Structured Gram engine: the empirical NTK ``J J^T`` of an ordinary JAX function, without ``J``.
 
-The model is traced (per example) to a jaxpr; every parameter leaf is followed through views to
-its uses. Dense uses (``dot_general``) get the factored rule ``(a . a)(G . G)`` summed over
-position pairs; other uses (bias, scale, conv, embedding) and anything unrecognized (scan bodies,
-custom_vjp, ...) get per-example gradients of THAT leaf only. See METHODS.md section 3.3.
+The model is traced (per example) to a jaxpr; every parameter leaf is followed through views
+(reshape, transpose, convert, broadcast, slice) to its uses, and calls (jit/pjit, closed_call,
+checkpoint) are inlined. Rules, per leaf:
+
+* dense (``dot_general``, any layout, positions ``t``): ``sum_{t,s} (a_t . a_s)(G_t . G_s)`` with
+  ``G = df/dz`` from zero probes on ``z`` and one backward pass per output column (vmapped);
+  several uses with one layout are merged (cross terms); a bias added right after the dot folds
+  in as a column of ones in ``a``;
+* embedding (gather of whole rows): ``sum_{t,s} [id_t == id_s] (G_t . G_s)``;
+* bias / scale / conv, dense or embedding when the flop model prefers it, and anything not
+  recognized (scan/while bodies, a parameter inside custom_jvp/custom_vjp, both operands of a
+  product, ...): per-example gradients of THAT leaf only (exact; "fallback" when unrecognized).
+
+See METHODS.md section 3.3. The per-example trace means examples must not interact inside
+``model_fn`` (no batch statistics), as for the materialized-Jacobian reference.
 
 Public:
   structured_gram(model_fn, params, x1, x2=None) -> K (n1, k, n2, k)

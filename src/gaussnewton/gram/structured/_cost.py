@@ -73,7 +73,7 @@ class LeafPlan:
     reason: str = ""
     cost_dense: float | None = None
     cost_pergrad: float | None = None
-    forms: list[DenseForm] = field(default_factory=list, repr=False)
+    forms: list[DenseForm | EmbedForm] = field(default_factory=list, repr=False)
 
 
 def dense_form(use: Use) -> tuple[DenseForm, np.ndarray]:
