@@ -19,6 +19,16 @@ See METHODS.md section 3.3. The per-example trace means examples must not intera
 Public:
   structured_gram(model_fn, params, x1, x2=None) -> K (n1, k, n2, k)
   explain(model_fn, params, x1, x2=None) -> {leaf name: LeafPlan}   (introspection)
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from gaussnewton.gram.structured import explain, structured_gram
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
+    >>> p = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "v": jnp.ones((4, 2))}
+    >>> structured_gram(fn, p, jnp.ones((5, 3))).shape
+    (5, 2, 5, 2)
+    >>> {name: (plan.rule, plan.method) for name, plan in explain(fn, p, jnp.ones((5, 3))).items()}
+    {"['b']": ('bias', 'factored'), "['v']": ('dense', 'factored'), "['w']": ('dense', 'factored')}
 """
 
 from __future__ import annotations
