@@ -135,6 +135,20 @@ def test_rules_chosen_for_the_zoo():
     assert tied["['E']"].rule == "mixed" and tied["['E']"].kinds == ("dense", "embedding")
 
 
+def test_analysis_error_degrades_to_exact_fallback(monkeypatch):
+    import gaussnewton.gram.structured._assemble as assemble
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(assemble, "analyze", broken)
+    model_fn, params, x1, _ = ZOO["mlp_tanh"]()
+    plans = explain(model_fn, params, x1)
+    assert all(p.rule == "fallback" and "boom" in p.reason for p in plans.values())
+    K = structured_gram(model_fn, params, x1)
+    assert _rel_err(K, reference_gram(model_fn, params, x1)) < RTOL
+
+
 def test_memory_guard_prefers_per_example_gradients():
     from gaussnewton.gram.structured._cost import MEMORY_CAP, _pergrad_better
 
