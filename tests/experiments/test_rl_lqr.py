@@ -120,3 +120,24 @@ def test_bad_arguments_raise_clear_errors():
         lqr.h_of_gain(TINY, np.array([[0.0, 5.0]]))
     with pytest.raises(ValueError, match="improve_every"):
         QLConfig(improve_every=-1)
+
+
+def test_registered_lqr_experiment_yields_rows():
+    from gaussnewton.experiments.registry import RunConfig, get_experiment
+
+    spec = get_experiment("lqr_ac1")
+    cfg = RunConfig(
+        experiment="lqr_ac1",
+        optimizer="adam",
+        seed=0,
+        steps=20,
+        eval_every=10,
+        hparams={"learning_rate": 0.01},
+        options={**spec.options, "batch_size": 16, "buffer_size": 256},
+    )
+    rows = list(spec.run(cfg))
+    assert [r["step"] for r in rows] == [0, 10, 20]
+    assert rows[0][spec.metric] == 1.0
+    assert all(np.isfinite(r[spec.metric]) and r["train_time"] >= 0 for r in rows)
+    with pytest.raises(ValueError, match="unknown options"):
+        list(spec.run(RunConfig("lqr_ac1", "adam", 0, 10, options={"bogus": 1})))
