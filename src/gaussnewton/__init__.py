@@ -8,7 +8,11 @@ damping and momentum. See ``METHODS.md`` for the mathematics.
 from gaussnewton.adapters import from_equinox, from_nnx
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.directions import DirectionInfo, egn_direction
+from gaussnewton.dual import dual_gn, dual_gn_transform
 from gaussnewton.gram import empirical_ntk, register_strategy
+from gaussnewton.gram.structured import explain as explain_gram
+from gaussnewton.gram_gauss_newton import gram_gauss_newton
+from gaussnewton.ignd import ignd
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import (
     ConvexLoss,
@@ -20,6 +24,8 @@ from gaussnewton.losses import (
 )
 from gaussnewton.optax_bridge import as_optax
 from gaussnewton.optimizer import GaussNewtonOptimizer, GaussNewtonState, StepInfo, egn
+from gaussnewton.sgn import sgn
+from gaussnewton.sqn import sqn
 
 __version__ = "0.1.0"
 
@@ -36,11 +42,18 @@ __all__ = [
     "SquaredError",
     "StepInfo",
     "as_optax",
+    "dual_gn",
+    "dual_gn_transform",
     "egn",
     "egn_direction",
     "empirical_ntk",
+    "explain_gram",
     "from_equinox",
     "from_nnx",
     "get_loss",
+    "gram_gauss_newton",
+    "ignd",
     "register_strategy",
+    "sgn",
+    "sqn",
 ]
