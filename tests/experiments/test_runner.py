@@ -119,6 +119,11 @@ def test_models_shapes_and_lecun_init():
     # LeCun normal: std 1/sqrt(fan_in) (25088 draws: the estimate is good to ~0.5%)
     assert float(jnp.std(w)) == pytest.approx(1.0 / math.sqrt(7 * 7 * 16), rel=0.03)
     assert float(jnp.abs(w).max()) <= 2.0 / math.sqrt(7 * 7 * 16) / 0.87962566 + 1e-6  # truncated
+    from gaussnewton.experiments.models import _maxpool2
+
+    z = jax.random.normal(key, (2, 7, 6, 3))
+    ref = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    np.testing.assert_array_equal(np.asarray(_maxpool2(z)), np.asarray(ref))
     with pytest.raises(ValueError, match="model must be"):
         make_model("rnn", key, (3,), 1)
 

@@ -62,7 +62,14 @@ def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _maxpool2(x: jax.Array) -> jax.Array:
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    """2x2 max pooling, stride 2, VALID (odd trailing rows / columns dropped).
+
+    Written as a reshape + max rather than ``lax.reduce_window``: same values, and its gradient
+    avoids XLA's ``select_and_scatter``, which is slow on CPU.
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2, :]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def init_cnn(
