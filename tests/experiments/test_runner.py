@@ -181,3 +181,22 @@ def test_cli_classification_digits(tmp_path):
     assert done["config"]["hparams"] == {"learning_rate": 0.5}
     assert 0.0 <= done["final"]["test_accuracy"] <= 1.0
     assert not (tmp_path / "digits.png").exists()
+
+
+def test_family_optimizers_build_through_the_registry():
+    fn, p = make_model("mlp", jax.random.PRNGKey(0), (3,), 1)
+    for name in ("sgn", "sqn", "ignd", "dual-gn", "ggn", "egn-fixed", "egn-momentum"):
+        spec = R.get_optimizer(name)
+        opt = spec.build(fn, "squared_error", spec.defaults)
+        assert callable(opt.init) and callable(opt.step), name
+
+
+def test_a_method_whose_state_holds_params_runs(tmp_path):
+    """SQN keeps the previous parameters in its state (no buffer donation may alias them)."""
+    res = run_experiment(
+        "sine", optimizers=["sqn"], seeds=[0], steps=4, eval_every=2, batch_size=16,
+        out=tmp_path, plots=False,
+    )  # fmt: skip
+    assert not res.errors, res.errors
+    final = next(iter(Records(tmp_path).done().values()))["final"]
+    assert final["step"] == 4 and math.isfinite(final["test_rmse"])

@@ -218,7 +218,7 @@ def gn_factory(function: str, module: str, *, takes_loss: bool = True, **preset:
         import gaussnewton as gn
 
         fn = getattr(gn, function, None)
-        if fn is None:
+        if not callable(fn):  # missing, or the submodule of the same name (gaussnewton.sgn)
             try:
                 fn = getattr(importlib.import_module(f"gaussnewton.{module}"), function)
             except (ImportError, AttributeError) as exc:

@@ -161,7 +161,7 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
         lengths.add(cfg.steps % eval_every)
     t0 = time.perf_counter()
     compiled = {
-        n: jax.jit(chunk, donate_argnums=(0, 1))
+        n: jax.jit(chunk)
         .lower(params, state, x_all, y_all, jnp.zeros((n, batch), jnp.int32), jnp.int32(0))
         .compile()
         for n in lengths
