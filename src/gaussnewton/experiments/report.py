@@ -126,7 +126,11 @@ def summary_table(summary: Sequence[Mapping[str, Any]], metric: str, higher: boo
             _fmt(r["final"]),
             _fmt(r["best"]),
             _fmt(r["at_common_time"]),
-            f"{_fmt(r['time_to_target'], 3)} s ({r['reached']})" if r["reached"] else "-",
+            (
+                f"{_fmt(r['time_to_target'], 3)} s ({r['reached']})"
+                if math.isfinite(r["time_to_target"][0])
+                else f"- ({r['reached'] or 'no target'})"
+            ),
             _fmt(r["steps_per_s"], 4),
         )
     return t
