@@ -40,7 +40,7 @@ gaussnewton run lqr_bdt1 --optimizers egn,adam --steps 1500 --seeds 1 --tune --t
 gaussnewton run lqr_bdt1 --optimizers egn-fixed --set egn-fixed.damping=1e-4 --steps 1500 --seeds 1 --out {root}/lqr_bdt1_egn_fixed
 gaussnewton run lqr_ac1 --optimizers adam --steps 20000 --eval-every 500 --seeds 1 --tune --tune-steps 5000 --out {root}/lqr_ac1_adam_long
 gaussnewton run dqn_cartpole --seeds 5 --out {root}/dqn_cartpole   # egn-dqn,adam; 200k env steps
-gaussnewton run dqn_acrobot --optimizers egn-dqn,adam --steps 100000 --eval-every 10000 --seeds 1 --out {root}/dqn_acrobot
+gaussnewton run dqn_acrobot --seeds 2 --out {root}/dqn_acrobot   # egn-dqn,adam; 100k env steps
 python -m gaussnewton.experiments.rl.report {root} {out}
 ```
 
@@ -107,6 +107,11 @@ NOTES = """
   env steps; Adam (lr 1e-3) also solves 5/5 (final 499.4 ± 1.2) after ~156k ± 23k env steps.
   Adam is faster in wall-clock (one EGN TD step costs ~4–5 Adam steps here). With the earlier
   100k budget EGN solved 2/5 seeds at the final evaluation, Adam 0/5.
+- **Acrobot-v1** (2 seeds, 100k env steps, same `egn-dqn` preset, not tuned for Acrobot):
+  both EGN seeds reach a best greedy return near −90 (first crossing −100 at 70k env steps), Adam
+  reaches −98 ± 11 at best (1 of 2 seeds below −100); both are unstable late in training (final
+  −233 ± 100 for EGN, −367 ± 130 for Adam). A longer budget, a decaying step or a larger target
+  period would be the next things to try.
 - A full Levenberg-Marquardt step (lr 1, λ 1e-3) on bootstrapped DQN targets over-fits each
   batch and oscillates; `egn-dqn` uses lr 0.1 and constant λ = 1 (chosen from a handful of
   CartPole trials: lr 0.3 / λ 1 oscillated between 150 and 500).
