@@ -20,6 +20,7 @@ from pathlib import Path
 EXPERIMENTS = (
     "lqr_ac1",
     "lqr_ac1_adam_long",
+    "lqr_ac1_family",
     "lqr_bdt1",
     "lqr_bdt1_egn_fixed",
     "dqn_cartpole",
@@ -36,6 +37,7 @@ Commands (each writes records.jsonl, summary.md/json and a PNG into its folder):
 
 ```
 gaussnewton run lqr_ac1 --optimizers egn,adam --steps 1000 --seeds 1 --tune --tune-steps 300 --out {root}/lqr_ac1
+gaussnewton run lqr_ac1 --optimizers ignd,sgn --steps 1000 --seeds 1 --out {root}/lqr_ac1_family
 gaussnewton run lqr_bdt1 --optimizers egn,adam --steps 1500 --seeds 1 --tune --tune-steps 500 --out {root}/lqr_bdt1
 gaussnewton run lqr_bdt1 --optimizers egn-fixed --set egn-fixed.damping=1e-4 --steps 1500 --seeds 1 --out {root}/lqr_bdt1_egn_fixed
 gaussnewton run lqr_ac1 --optimizers adam --steps 20000 --eval-every 500 --seeds 1 --tune --tune-steps 5000 --out {root}/lqr_ac1_adam_long
@@ -95,6 +97,11 @@ NOTES = """
   below 94 % of the initial error, neither in the 1,000-step run nor with a 20x longer budget
   (20,000 steps, `lqr_ac1_adam_long`): its inaccurate H makes the periodic policy improvement
   produce poor gains, which feed back into the data and the targets.
+- The other registered methods with their default hyper-parameters (untuned, `lqr_ac1_family`):
+  IGND (lr 0.1, λ 1) is stable but slow (0.90 of the initial error after 1,000 steps); SGN
+  diverges after the first policy improvement (an inaccurate H gives a destabilizing gain, the
+  data explode). No model-based stability check guards the improvement (that would use A, B);
+  a longer `improve_every` (`--option improve_every=...`) is the knob for inexact evaluators.
 - **BDT1** (ρ(A + B K*) ≈ 0.9998, and the initial gain is already within 0.06 % of H*): the task
   is essentially policy evaluation, and fitted Q-iteration with the target held fixed contracts
   the error by only ≈ γ ρ² ≈ 0.99 per step whatever the regression solver, so EGN needs ~350–500
