@@ -286,7 +286,7 @@ def write_report(result, spec, records, *, plots: bool = True) -> None:
                 runs,
                 spec.metric,
                 out / f"{result.experiment}.png",
-                title=f"{result.experiment}: {spec.description}",
+                title=f"{result.experiment}: {', '.join(o for o, s in runs.items() if s)}",
                 x_label=spec.x_label,
                 higher_is_better=spec.higher_is_better,
             )
