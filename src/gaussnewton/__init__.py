@@ -9,6 +9,7 @@ from gaussnewton.adapters import from_equinox, from_nnx
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.directions import DirectionInfo, egn_direction
 from gaussnewton.dual import dual_gn, dual_gn_transform
+from gaussnewton.egn import egn
 from gaussnewton.gram import empirical_ntk, register_strategy
 from gaussnewton.gram.structured import explain as explain_gram
 from gaussnewton.gram_gauss_newton import gram_gauss_newton
@@ -23,7 +24,7 @@ from gaussnewton.losses import (
     get_loss,
 )
 from gaussnewton.optax_bridge import as_optax
-from gaussnewton.optimizer import GaussNewtonOptimizer, GaussNewtonState, StepInfo, egn
+from gaussnewton.optimizer import GaussNewtonOptimizer, GaussNewtonState, StepInfo
 from gaussnewton.sgn import sgn
 from gaussnewton.sqn import sqn
 

@@ -10,11 +10,44 @@ from collections.abc import Callable
 from typing import Any
 
 from gaussnewton import _validate as v
-from gaussnewton.damping import AdaptiveDamping
+from gaussnewton.damping import AdaptiveDamping, _Fixed
+from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import Loss, get_loss
-from gaussnewton.optimizer import GaussNewtonOptimizer, _line_search, _policy
+from gaussnewton.optimizer import GaussNewtonOptimizer
 
 __all__ = ["check_common", "assemble", "check_int"]
+
+
+def _policy(damping_policy, damping):
+    if damping_policy == "constant":
+        return _Fixed()
+    if damping_policy == "adaptive":
+        policy = AdaptiveDamping()
+    elif isinstance(damping_policy, AdaptiveDamping):
+        policy = damping_policy
+    elif callable(damping_policy):
+        return _Fixed()
+    else:
+        raise ValueError(
+            f"damping_policy={damping_policy!r} is not supported; use 'constant', 'adaptive', "
+            "gn.AdaptiveDamping(...) or a schedule count -> λ."
+        )
+    if callable(damping):
+        raise ValueError(
+            "damping_policy='adaptive' adapts λ itself: pass a number as damping (its start value), "
+            "not a schedule."
+        )
+    return policy
+
+
+def _line_search(line_search):
+    if line_search is None or isinstance(line_search, Armijo):
+        return line_search
+    if line_search == "armijo":
+        return Armijo()
+    raise ValueError(
+        f"line_search={line_search!r} is not supported; use None, 'armijo' or gn.Armijo(...)."
+    )
 
 
 def check_int(name: str, value: Any, low: int = 0) -> int:

@@ -28,8 +28,9 @@ import jax
 import optax
 
 from gaussnewton.damping import AdaptiveDamping
+from gaussnewton.egn import egn
 from gaussnewton.linesearch import Armijo
-from gaussnewton.optimizer import GaussNewtonOptimizer, egn
+from gaussnewton.optimizer import GaussNewtonOptimizer
 
 __all__ = ["gram_gauss_newton"]
 

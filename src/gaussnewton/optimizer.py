@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gaussnewton import _validate as v
 from gaussnewton._tree import (
     tree_all_finite,
     tree_axpy,
@@ -30,10 +29,9 @@ from gaussnewton._tree import (
     tree_zeros_like,
 )
 from gaussnewton.damping import AdaptiveDamping, _Fixed, gain_ratio
-from gaussnewton.directions import CURVATURES, SOLVERS, linearize_and_solve
-from gaussnewton.gram import STRATEGIES, as_2d
+from gaussnewton.gram import as_2d
 from gaussnewton.linesearch import Armijo
-from gaussnewton.losses import Loss, LossLike, get_loss
+from gaussnewton.losses import Loss
 
 PyTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
@@ -44,7 +42,6 @@ __all__ = [
     "empty_info",
     "GaussNewtonOptimizer",
     "Linearization",
-    "egn",
 ]
 
 
@@ -285,38 +282,6 @@ class GaussNewtonOptimizer:
         return rho, self.damping_policy.update(lam, rho)
 
 
-def _policy(damping_policy, damping):
-    if damping_policy == "constant":
-        return _Fixed()
-    if damping_policy == "adaptive":
-        policy = AdaptiveDamping()
-    elif isinstance(damping_policy, AdaptiveDamping):
-        policy = damping_policy
-    elif callable(damping_policy):
-        return _Fixed()
-    else:
-        raise ValueError(
-            f"damping_policy={damping_policy!r} is not supported; use 'constant', 'adaptive', "
-            "gn.AdaptiveDamping(...) or a schedule count -> λ."
-        )
-    if callable(damping):
-        raise ValueError(
-            "damping_policy='adaptive' adapts λ itself: pass a number as damping (its start value), "
-            "not a schedule."
-        )
-    return policy
-
-
-def _line_search(line_search):
-    if line_search is None or isinstance(line_search, Armijo):
-        return line_search
-    if line_search == "armijo":
-        return Armijo()
-    raise ValueError(
-        f"line_search={line_search!r} is not supported; use None, 'armijo' or gn.Armijo(...)."
-    )
-
-
 def quad_from_factor(fn, params, x, factor, identity):
     """``Δ ↦ ½ ΔᵀHΔ = (1/2b) ‖Sᵀ (J Δ)‖²`` by one JVP."""
 
@@ -327,132 +292,3 @@ def quad_from_factor(fn, params, x, factor, identity):
         return 0.5 * jnp.sum(jnp.square(z)) / b
 
     return quad
-
-
-def egn(
-    model_fn: Callable,
-    *,
-    loss: LossLike,
-    learning_rate: float | Schedule = 1.0,
-    damping: float | Schedule = 1e-3,
-    damping_policy: str | AdaptiveDamping | Schedule = "adaptive",
-    line_search: str | Armijo | None = "armijo",
-    momentum: float = 0.0,
-    tx: optax.GradientTransformation | None = None,
-    gram: str = "auto",
-    curvature: str = "exact",
-    num_samples: int = 1,
-    solver: str = "cholesky",
-    max_cg_iters: int | None = None,
-    cg_tol: float = 1e-6,
-    cg_warm_start: bool = True,
-) -> GaussNewtonOptimizer:
-    r"""Exact Gauss-Newton (EGN): the Levenberg-Marquardt direction of the mini-batch GGN.
-
-    Each step computes ``d = −(H + λI)⁻¹ ∇L`` exactly in the row space
-    (:func:`gaussnewton.egn_direction`), optionally averages it (bias-corrected momentum ``β``), passes
-    it through ``tx`` (an optax transform that receives the DESCENT direction: e.g.
-    ``optax.clip_by_global_norm``; use ``optax.add_decayed_weights(-wd)`` for weight decay), picks a
-    step size (``learning_rate``, or Armijo backtracking capped at it) and adapts λ.
-
-    Args:
-        model_fn: ``model_fn(params, x) -> (b, c)`` or ``(b,)`` outputs.
-        loss: ``"squared_error"``, ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or
-            a :class:`~gaussnewton.losses.Loss` (e.g. :class:`~gaussnewton.ConvexLoss`).
-        learning_rate: step size ``α`` (or ``α_max`` with a line search); number or schedule.
-        damping: ``λ`` (start value for adaptive damping); number or schedule of the step count.
-        damping_policy: ``"adaptive"`` (default, the gain-ratio rule), ``"constant"``,
-            :class:`~gaussnewton.AdaptiveDamping`, or a schedule ``count -> λ``.
-        line_search: ``"armijo"`` (default), :class:`~gaussnewton.Armijo` or ``None`` (fixed step).
-            With ``damping_policy="constant"``, ``line_search=None``, ``momentum=0`` and ``tx=None``
-            one step is exactly ``params + learning_rate * egn_direction(...)``.
-        momentum: ``β ∈ [0, 1)`` of the bias-corrected direction average.
-        tx: optional optax transform applied to the (averaged) direction.
-        gram: Gram strategy (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"`` when available).
-        curvature: ``"exact"`` or ``"sampled"`` (``num_samples`` Monte-Carlo columns per example).
-        solver: ``"cholesky"`` (formed Gram, default) or ``"cg"``: row-space CG with matrix-free
-            ``K v`` products (METHODS §4.1), at most ``max_cg_iters`` iterations (``None``: the
-            row-space dimension) until the residual max-norm is ``<= cg_tol``; with
-            ``cg_warm_start`` it starts from the previous step's direction mapped to the row space
-            (see :mod:`gaussnewton.cg`; ``gram`` is not used). ``info.cg_iters`` /
-            ``info.cg_residual`` report the solve.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> import gaussnewton as gn
-        >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
-        >>> p = {"w1": jnp.ones((3, 4)) * 0.1, "w2": jnp.ones((4, 1)) * 0.1}
-        >>> opt = gn.egn(fn, loss="squared_error", learning_rate=1.0, damping=1e-3)
-        >>> state = opt.init(p)
-        >>> p, state, info = jax.jit(opt.step)(p, state, jnp.ones((8, 3)), jnp.zeros((8,)))
-    """
-    v.check_callable("model_fn", model_fn, "model_fn(params, x) -> outputs (b, c) or (b,)")
-    loss_obj = get_loss(loss)
-    v.check_number("learning_rate", learning_rate, hint="e.g. learning_rate=1.0")
-    strict = not loss_obj.identity_curvature or curvature == "sampled"
-    v.check_number(
-        "damping",
-        damping,
-        strict=strict,
-        hint="λ must be > 0 for this loss/curvature (λ = 0 is allowed for exact squared error); "
-        "e.g. damping=1e-3.",
-    )
-    policy = _policy(damping_policy, damping)
-    if callable(damping_policy) and not isinstance(damping_policy, AdaptiveDamping):
-        damping = damping_policy  # a schedule given as the policy
-    ls = _line_search(line_search)
-    v.check_momentum(momentum)
-    v.check_choice("curvature", curvature, CURVATURES)
-    if gram != "auto" and gram not in STRATEGIES:
-        raise ValueError(f"gram={gram!r} is unknown; use 'auto' or one of {sorted(STRATEGIES)}.")
-    if curvature == "sampled" and not loss_obj.supports_sampling:
-        raise ValueError(
-            f"curvature='sampled' is not available for loss {loss_obj.name!r}; use curvature='exact'."
-        )
-    v.check_choice("solver", solver, SOLVERS)
-    if max_cg_iters is not None and not (isinstance(max_cg_iters, int) and max_cg_iters >= 0):
-        raise ValueError(f"max_cg_iters={max_cg_iters!r} must be None or an integer >= 0.")
-    v.check_number("cg_tol", cg_tol, strict=False, hint="e.g. cg_tol=1e-6.")
-    warm = solver == "cg" and bool(cg_warm_start)
-    if not (isinstance(num_samples, int) and num_samples >= 1):
-        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
-    if tx is not None and not hasattr(tx, "update"):
-        raise TypeError(f"tx={tx!r} must be an optax GradientTransformation (or None).")
-    fn = as_2d(model_fn)
-
-    def direction_fn(params, x, y, lam, key, method_state):
-        lin = linearize_and_solve(
-            fn,
-            params,
-            x,
-            y,
-            loss=loss_obj,
-            damping=lam,
-            gram_strategy=gram,
-            curvature=curvature,
-            num_samples=num_samples,
-            key=key,
-            solver=solver,
-            max_cg_iters=max_cg_iters,
-            cg_tol=cg_tol,
-            warm_start=method_state if warm else None,
-        )
-        quad = quad_from_factor(fn, params, x, lin.factor, lin.identity)
-        nxt = lin.direction if warm else ()
-        return Linearization(
-            lin.loss, lin.grad, lin.direction, quad, lin.cg_iters, lin.cg_residual, nxt
-        )
-
-    return GaussNewtonOptimizer(
-        model_fn=model_fn,
-        loss=loss_obj,
-        direction_fn=direction_fn,
-        learning_rate=learning_rate,
-        damping=damping,
-        damping_policy=policy,
-        line_search=ls,
-        momentum=float(momentum),
-        tx=tx,
-        name="egn",
-        init_method_state=tree_zeros_like if warm else None,
-    )

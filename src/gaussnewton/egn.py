@@ -1,0 +1,140 @@
+"""Exact Gauss-Newton (EGN): the constructor :func:`egn` (METHODS.md §2).
+
+The step machinery (momentum, tx, step size, damping, non-finite guard, info) is the shared
+:class:`~gaussnewton.optimizer.GaussNewtonOptimizer`; EGN contributes its direction function, the
+exact row-space Levenberg-Marquardt solve of :mod:`gaussnewton.directions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optax
+
+from gaussnewton import _validate as v
+from gaussnewton._family import assemble, check_common, check_int
+from gaussnewton._tree import tree_zeros_like
+from gaussnewton.damping import AdaptiveDamping
+from gaussnewton.directions import CURVATURES, SOLVERS, linearize_and_solve
+from gaussnewton.gram import STRATEGIES, as_2d
+from gaussnewton.linesearch import Armijo
+from gaussnewton.losses import LossLike, get_loss
+from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization, Schedule, quad_from_factor
+
+__all__ = ["egn"]
+
+
+def egn(
+    model_fn: Callable,
+    *,
+    loss: LossLike,
+    learning_rate: float | Schedule = 1.0,
+    damping: float | Schedule = 1e-3,
+    damping_policy: str | AdaptiveDamping | Schedule = "adaptive",
+    line_search: str | Armijo | None = "armijo",
+    momentum: float = 0.0,
+    tx: optax.GradientTransformation | None = None,
+    gram: str = "auto",
+    curvature: str = "exact",
+    num_samples: int = 1,
+    solver: str = "cholesky",
+    max_cg_iters: int | None = None,
+    cg_tol: float = 1e-6,
+    cg_warm_start: bool = True,
+) -> GaussNewtonOptimizer:
+    r"""Exact Gauss-Newton (EGN): the Levenberg-Marquardt direction of the mini-batch GGN.
+
+    Each step computes ``d = −(H + λI)⁻¹ ∇L`` exactly in the row space
+    (:func:`gaussnewton.egn_direction`), optionally averages it (bias-corrected momentum ``β``), passes
+    it through ``tx`` (an optax transform that receives the DESCENT direction: e.g.
+    ``optax.clip_by_global_norm``; use ``optax.add_decayed_weights(-wd)`` for weight decay), picks a
+    step size (``learning_rate``, or Armijo backtracking capped at it) and adapts λ.
+
+    Args:
+        model_fn: ``model_fn(params, x) -> (b, c)`` or ``(b,)`` outputs.
+        loss: ``"squared_error"``, ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or
+            a :class:`~gaussnewton.losses.Loss` (e.g. :class:`~gaussnewton.ConvexLoss`).
+        learning_rate: step size ``α`` (or ``α_max`` with a line search); number or schedule.
+        damping: ``λ`` (start value for adaptive damping); number or schedule of the step count.
+        damping_policy: ``"adaptive"`` (default, the gain-ratio rule), ``"constant"``,
+            :class:`~gaussnewton.AdaptiveDamping`, or a schedule ``count -> λ``.
+        line_search: ``"armijo"`` (default), :class:`~gaussnewton.Armijo` or ``None`` (fixed step).
+            With ``damping_policy="constant"``, ``line_search=None``, ``momentum=0`` and ``tx=None``
+            one step is exactly ``params + learning_rate * egn_direction(...)``.
+        momentum: ``β ∈ [0, 1)`` of the bias-corrected direction average.
+        tx: optional optax transform applied to the (averaged) direction.
+        gram: Gram strategy (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"`` when available).
+        curvature: ``"exact"`` or ``"sampled"`` (``num_samples`` Monte-Carlo columns per example).
+        solver: ``"cholesky"`` (formed Gram, default) or ``"cg"``: row-space CG with matrix-free
+            ``K v`` products (METHODS §4.1), at most ``max_cg_iters`` iterations (``None``: the
+            row-space dimension) until the residual max-norm is ``<= cg_tol``; with
+            ``cg_warm_start`` it starts from the previous step's direction mapped to the row space
+            (see :mod:`gaussnewton.cg`; ``gram`` is not used). ``info.cg_iters`` /
+            ``info.cg_residual`` report the solve.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import gaussnewton as gn
+        >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+        >>> p = {"w1": jnp.ones((3, 4)) * 0.1, "w2": jnp.ones((4, 1)) * 0.1}
+        >>> opt = gn.egn(fn, loss="squared_error", learning_rate=1.0, damping=1e-3)
+        >>> state = opt.init(p)
+        >>> p, state, info = jax.jit(opt.step)(p, state, jnp.ones((8, 3)), jnp.zeros((8,)))
+    """
+    strict = not get_loss(loss).identity_curvature or curvature == "sampled"
+    loss_obj = check_common(
+        model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=strict
+    )
+    v.check_choice("curvature", curvature, CURVATURES)
+    if gram != "auto" and gram not in STRATEGIES:
+        raise ValueError(f"gram={gram!r} is unknown; use 'auto' or one of {sorted(STRATEGIES)}.")
+    if curvature == "sampled" and not loss_obj.supports_sampling:
+        raise ValueError(
+            f"curvature='sampled' is not available for loss {loss_obj.name!r}; use curvature='exact'."
+        )
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
+    v.check_choice("solver", solver, SOLVERS)
+    if max_cg_iters is not None:
+        check_int("max_cg_iters", max_cg_iters)
+    v.check_number("cg_tol", cg_tol, strict=False, hint="e.g. cg_tol=1e-6.")
+    warm = solver == "cg" and bool(cg_warm_start)
+    fn = as_2d(model_fn)
+
+    def direction_fn(params, x, y, lam, key, method_state):
+        # batch → outputs, loss, g, S → Gram (or K v) → row-space solve → one VJP back
+        lin = linearize_and_solve(
+            fn,
+            params,
+            x,
+            y,
+            loss=loss_obj,
+            damping=lam,
+            gram_strategy=gram,
+            curvature=curvature,
+            num_samples=num_samples,
+            key=key,
+            solver=solver,
+            max_cg_iters=max_cg_iters,
+            cg_tol=cg_tol,
+            warm_start=method_state if warm else None,
+        )
+        quad = quad_from_factor(fn, params, x, lin.factor, lin.identity)
+        nxt = lin.direction if warm else ()
+        return Linearization(
+            lin.loss, lin.grad, lin.direction, quad, lin.cg_iters, lin.cg_residual, nxt
+        )
+
+    return assemble(
+        "egn",
+        model_fn,
+        loss_obj,
+        direction_fn,
+        learning_rate=learning_rate,
+        damping=damping,
+        damping_policy=damping_policy,
+        line_search=line_search,
+        momentum=momentum,
+        tx=tx,
+        init_method_state=tree_zeros_like if warm else None,
+    )
