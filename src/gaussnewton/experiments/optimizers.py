@@ -47,7 +47,7 @@ EGN_FIXED_GRID = tuple(
     {"learning_rate": lr, "damping": lam, "batch_size": b}
     for b in (32, 128)
     for lr in (0.3, 0.1)
-    for lam in (1.0, 10.0)
+    for lam in (1.0, 10.0, 0.1)
 )
 EGN_LS_GRID = tuple(
     {"learning_rate": 1.0, "damping": lam, "batch_size": b}

@@ -259,14 +259,17 @@ _REGRESSION = {"california_housing", "diamonds", "bikeshare", "sine"}
 _BUILTIN = {
     "california_housing": supervised_experiment(
         "california_housing",
-        description="EGN vs Adam vs SGD, regression MLP, test RMSE (100k USD) - the main job",
+        description="EGN (fixed step; Armijo + adaptive λ) vs Adam vs SGD, regression MLP, test "
+        "RMSE (100k USD) - the main job",
         target=0.6,
         steps=1_000_000,  # an upper bound: each run trains for 10 s (equal wall-clock)
         time_budget=10.0,
         seeds=3,
         eval_every=200,
+        optimizers=("egn-fixed", "egn", "adam", "sgd"),
         # winners of `--tune --time-budget 10` (docs/results.md); batch 128 for Adam / SGD
         hparams={
+            "egn-fixed": {"learning_rate": 0.3, "damping": 0.1, "batch_size": 32},
             "egn": {"learning_rate": 1.0, "damping": 0.3, "damping_min": 0.3, "batch_size": 32},
             "adam": {"learning_rate": 0.01},
             "sgd": {"learning_rate": 0.05},
