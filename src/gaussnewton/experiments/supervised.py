@@ -294,7 +294,10 @@ _BUILTIN = {
         steps=3000,
         eval_every=100,
         # sampled curvature (one Monte-Carlo label per example): row space b instead of 10 b
-        hparams={"egn": {"curvature": "sampled", "batch_size": 128}},
+        hparams={
+            name: {"curvature": "sampled", "batch_size": 128}
+            for name in ("egn", "egn-fixed", "egn-ls", "egn-adaptive", "egn-momentum")
+        },
     ),
     "fashion_mnist_cnn": supervised_experiment(
         "fashion_mnist",
