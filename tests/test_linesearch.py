@@ -17,7 +17,7 @@ def _quadratic(a=4.0):
 def _search_all(prev, alpha_max):
     loss_at, loss0, slope = _quadratic()
     out = {}
-    for reset in ("increase", "conservative", "goldstein"):
+    for reset in ("increase", "conservative", "goldstein", "restart"):
         out[reset] = gn.Armijo(c1=0.1, shrink=0.8, max_trials=15, reset=reset).search(
             loss_at, loss0, slope, prev, alpha_max
         )
@@ -49,6 +49,9 @@ def test_goldstein_enlarges_short_steps_and_caps_at_alpha_max():
     np.testing.assert_allclose(res["increase"].step_size, 0.15)  # min(1.5·0.1, 2)
     capped = _search_all(jnp.float64(1.0), jnp.float64(0.5))
     np.testing.assert_allclose(capped["increase"].step_size, 0.5)  # α_max caps every reset
+    np.testing.assert_allclose(
+        res["restart"].step_size, 1.6
+    )  # from α_max = 2: L(2) = 2 fails, 1.6 passes
 
 
 def test_backtracks_and_exhausts():

@@ -73,7 +73,7 @@ def test_sgn_residual_model_equals_exact_model():
 
 def test_sgn_defaults_are_the_authors():
     opt = sgn(mlp, loss="squared_error")
-    assert opt.line_search == gn.Armijo(c1=1e-4, shrink=0.5, max_trials=10)
+    assert opt.line_search == gn.Armijo(c1=1e-4, shrink=0.5, max_trials=10, reset="restart")
     assert opt.damping_policy == gn.AdaptiveDamping(increase=1.5, decrease=2 / 3, min=1e-6)
     assert opt.damping == 1e-4
     with pytest.raises(ValueError, match="max_cg_iters"):

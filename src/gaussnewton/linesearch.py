@@ -7,6 +7,7 @@ The first trial of each step ("reset") is
 
 * ``"increase"``: ``α₀ = min(grow · α_prev, α_max)``,
 * ``"conservative"``: ``α₀ = α_prev``,
+* ``"restart"``: ``α₀ = α_max`` every step (the SGN authors' rule),
 * ``"goldstein"``: ``α₀ = α_prev``, and the next step's ``α_prev`` becomes ``min(grow · α, α_max)``
   when the accepted step decreased the loss by more than ``−(1 − c₁) α ∇Lᵀd`` (the step was short).
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 __all__ = ["Armijo", "LineSearchResult", "RESETS"]
 
-RESETS = ("increase", "conservative", "goldstein")
+RESETS = ("increase", "conservative", "goldstein", "restart")
 
 
 class LineSearchResult(NamedTuple):
@@ -46,7 +47,7 @@ class Armijo:
     c1: float = 0.1
     shrink: float = 0.8
     max_trials: int = 15
-    reset: Literal["increase", "conservative", "goldstein"] = "increase"
+    reset: Literal["increase", "conservative", "goldstein", "restart"] = "increase"
     grow: float = 1.5
 
     def __post_init__(self):
@@ -68,6 +69,8 @@ class Armijo:
     def initial_step_size(self, prev: jax.Array, alpha_max: jax.Array) -> jax.Array:
         if self.reset == "increase":
             return jnp.minimum(self.grow * prev, alpha_max)
+        if self.reset == "restart":
+            return jnp.asarray(alpha_max, jnp.result_type(prev))
         return jnp.minimum(prev, alpha_max)
 
     def search(

@@ -16,7 +16,7 @@ opposite sign convention for ``r``); for a scaled step ``αΔ`` it is ``α ∇L�
 With momentum or ``tx`` the applied update is no longer a multiple of ``Δ`` and the curvature term
 is evaluated by one JVP of the stored linearization instead.
 
-Defaults are the authors' runs: ≤ 10 CG iterations (residual max-norm ``≤ 1e-6``), ``α = 1`` with
+Defaults are the authors' runs: ≤ 10 CG iterations (residual max-norm ``≤ 1e-6``), ``α = 1`` at every step (``reset="restart"``) with
 Armijo backtracking (``c₁ = 1e-4``, ``α ← α/2``, ≤ 10 trials), ``λ₀ = 1e-4`` with the trust-region
 rule ``ρ < ¼ → λ·3/2``, ``ρ > ¾ → λ·2/3``, ``λ ≥ 1e-6``.
 
@@ -79,7 +79,7 @@ def sgn(
     damping: float = 1e-4,
     max_cg_iters: int = 10,
     cg_tol: float = 1e-6,
-    line_search: str | Armijo | None = Armijo(c1=1e-4, shrink=0.5, max_trials=10),  # noqa: B008
+    line_search: str | Armijo | None = Armijo(c1=1e-4, shrink=0.5, max_trials=10, reset="restart"),  # noqa: B008
     damping_policy: str | AdaptiveDamping | Callable = AdaptiveDamping(  # noqa: B008
         increase=1.5, decrease=2 / 3, min=1e-6
     ),
