@@ -40,9 +40,9 @@ EGN_GRID = tuple(
     for b in (32, 128)
     for lam in (0.03, 0.3, 3.0)
 )
-# Defaults of the adaptive EGN entries: λ₀ = 0.3 with the floor λ_min = λ₀ (the library's own
-# defaults, λ₀ = 1e-3 without a floor, let λ collapse on small batches; see docs/experiments.md).
-_EGN_ADAPTIVE_DEFAULTS = {"learning_rate": 1.0, "damping": 0.3, "damping_min": 0.3}
+# Registry defaults of every EGN entry are the library's (learning rate 1, λ = 1e-3); the
+# supervised experiments put a λ floor on top (``SUPERVISED_EGN_DEFAULTS`` in supervised.py).
+_EGN_DEFAULTS = {"learning_rate": 1.0, "damping": 1e-3}
 EGN_FIXED_GRID = tuple(
     {"learning_rate": lr, "damping": lam, "batch_size": b}
     for b in (32, 128)
@@ -177,35 +177,35 @@ register_optimizer(
 register_optimizer(
     "egn",
     egn_factory(line_search="armijo", damping_policy="adaptive"),
-    defaults=_EGN_ADAPTIVE_DEFAULTS,
+    defaults=_EGN_DEFAULTS,
     grid=EGN_GRID,
     description="EGN: Armijo line search (alpha_max = learning_rate) + adaptive λ with a floor",
 )
 register_optimizer(
     "egn-fixed",
     egn_factory(line_search=None, damping_policy="constant"),
-    defaults={"learning_rate": 1.0, "damping": 1.0},
+    defaults=_EGN_DEFAULTS,
     grid=EGN_FIXED_GRID,
     description="plain EGN: fixed step size, constant λ",
 )
 register_optimizer(
     "egn-ls",
     egn_factory(line_search="armijo", damping_policy="constant"),
-    defaults={"learning_rate": 1.0, "damping": 1.0},
+    defaults=_EGN_DEFAULTS,
     grid=EGN_LS_GRID,
     description="EGN + Armijo backtracking line search on the same batch, constant λ",
 )
 register_optimizer(
     "egn-adaptive",
     egn_factory(line_search=None, damping_policy="adaptive"),
-    defaults=_EGN_ADAPTIVE_DEFAULTS,
+    defaults=_EGN_DEFAULTS,
     grid=EGN_ADAPTIVE_GRID,
     description="EGN + adaptive (Levenberg-Marquardt gain-ratio) λ, fixed step size",
 )
 register_optimizer(
     "egn-momentum",
     egn_factory(line_search="armijo", damping_policy="adaptive", momentum=0.9),
-    defaults=_EGN_ADAPTIVE_DEFAULTS,
+    defaults=_EGN_DEFAULTS,
     grid=EGN_GRID,
     description="EGN (Armijo + adaptive λ) + bias-corrected momentum (beta = 0.9)",
 )

@@ -219,6 +219,18 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
             return
 
 
+# EGN defaults of every supervised experiment (below an experiment's own ``hparams``): adaptive
+# variants keep λ >= λ₀ = 0.3 (the library's λ₀ = 1e-3 without a floor collapses on small batches:
+# the row-space step then interpolates each batch; docs/results.md), constant-λ variants use λ = 1.
+SUPERVISED_EGN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "egn": {"damping": 0.3, "damping_min": 0.3},
+    "egn-adaptive": {"damping": 0.3, "damping_min": 0.3},
+    "egn-momentum": {"damping": 0.3, "damping_min": 0.3},
+    "egn-fixed": {"damping": 1.0},
+    "egn-ls": {"damping": 1.0},
+}
+
+
 def supervised_experiment(
     dataset: str,
     *,
@@ -248,7 +260,10 @@ def supervised_experiment(
         default_batch_size=batch_size,
         default_eval_every=eval_every,
         default_time_budget=time_budget,
-        default_hparams=hparams or {},
+        default_hparams={
+            name: {**SUPERVISED_EGN_DEFAULTS.get(name, {}), **(hparams or {}).get(name, {})}
+            for name in {*SUPERVISED_EGN_DEFAULTS, *(hparams or {})}
+        },
         options={"dataset": dataset, "model": model, **options},
         extra={"dataset": dataset, "model": model},
     )
