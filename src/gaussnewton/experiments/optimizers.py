@@ -126,8 +126,9 @@ def optax_factory(make_tx: Callable[..., optax.GradientTransformation]) -> Calla
 _ADAPTIVE = ("min", "max", "increase", "decrease")
 
 
-def egn_factory(**preset: Any) -> Callable[..., Any]:
-    """Factory for ``gaussnewton.egn`` with ``preset`` keyword arguments (overridable).
+def gn_factory(function: str, *, takes_loss: bool = True, **preset: Any) -> Callable[..., Any]:
+    """Factory for the method ``gaussnewton.<function>`` (``egn``, ``sgn``, ...) with ``preset``
+    keyword arguments (overridable by the run's hyper-parameters).
 
     Hyper-parameters ``damping_min`` / ``damping_max`` / ``damping_increase`` /
     ``damping_decrease`` configure the adaptive policy (``gn.AdaptiveDamping``).
@@ -136,26 +137,35 @@ def egn_factory(**preset: Any) -> Callable[..., Any]:
     def factory(model_fn: Callable, loss: Any, **hparams: Any) -> Any:
         import gaussnewton as gn
 
-        if not hasattr(gn, "egn"):
-            raise RuntimeError("gaussnewton.egn is not available in this version of the library.")
+        method = getattr(gn, function)
         kwargs = {**preset, **hparams}
         adaptive = {k: kwargs.pop(f"damping_{k}") for k in _ADAPTIVE if f"damping_{k}" in kwargs}
         if adaptive:  # e.g. damping_min=1e-3: an AdaptiveDamping policy with these fields
-            if kwargs.get("damping_policy", "constant") == "constant":
+            if kwargs.get("damping_policy", "adaptive") == "constant":
                 raise ValueError(
-                    f"damping_{next(iter(adaptive))} needs adaptive damping; use an 'egn' or "
-                    "'egn-adaptive' variant (or damping_policy='adaptive')."
+                    f"damping_{next(iter(adaptive))} needs adaptive damping; use a variant with "
+                    "damping_policy='adaptive' (e.g. 'egn' or 'egn-adaptive')."
                 )
             kwargs["damping_policy"] = gn.AdaptiveDamping(**adaptive)
-        opt = gn.egn(model_fn, loss=loss, **kwargs)
+        if takes_loss:
+            opt = method(model_fn, loss=loss, **kwargs)
+        else:
+            if loss != "squared_error":
+                raise ValueError(f"{function} supports the squared error only, got loss={loss!r}.")
+            opt = method(model_fn, **kwargs)
 
         def step(params, state, x, y, key=None):
             params, state, info = opt.step(params, state, x, y, key=key)
-            return params, state, info._asdict() if hasattr(info, "_asdict") else dict(info)
+            return params, state, info._asdict()
 
         return OptaxStep(init=opt.init, step=step)
 
     return factory
+
+
+def egn_factory(**preset: Any) -> Callable[..., Any]:
+    """Factory for ``gaussnewton.egn`` with ``preset`` keyword arguments (see :func:`gn_factory`)."""
+    return gn_factory("egn", **preset)
 
 
 register_optimizer(
@@ -211,74 +221,48 @@ register_optimizer(
 )
 
 
-def gn_factory(function: str, module: str, *, takes_loss: bool = True, **preset: Any):
-    """Factory for a method ``gaussnewton.<function>`` (or ``gaussnewton.<module>.<function>``)
-    with the same ``(model_fn, *, loss, **hparams)`` signature as ``gn.egn``."""
-
-    def factory(model_fn: Callable, loss: Any, **hparams: Any) -> Any:
-        import importlib
-
-        import gaussnewton as gn
-
-        fn = getattr(gn, function, None)
-        if not callable(fn):  # missing, or the submodule of the same name (gaussnewton.sgn)
-            try:
-                fn = getattr(importlib.import_module(f"gaussnewton.{module}"), function)
-            except (ImportError, AttributeError) as exc:
-                raise RuntimeError(
-                    f"gaussnewton.{function} is not available in this version of the library."
-                ) from exc
-        kwargs = {**preset, **hparams}
-        adaptive = {k: kwargs.pop(f"damping_{k}") for k in _ADAPTIVE if f"damping_{k}" in kwargs}
-        if adaptive:
-            kwargs["damping_policy"] = gn.AdaptiveDamping(**adaptive)
-        if takes_loss:
-            opt = fn(model_fn, loss=loss, **kwargs)
-        else:
-            if loss != "squared_error":
-                raise ValueError(f"{function} supports the squared error only, got loss={loss!r}.")
-            opt = fn(model_fn, **kwargs)
-
-        def step(params, state, x, y, key=None):
-            params, state, info = opt.step(params, state, x, y, key=key)
-            return params, state, info._asdict() if hasattr(info, "_asdict") else dict(info)
-
-        return OptaxStep(init=opt.init, step=step)
-
-    return factory
-
-
+register_optimizer(
+    "egn-cg",
+    egn_factory(line_search="armijo", damping_policy="adaptive", solver="cg", max_cg_iters=50),
+    defaults=_EGN_DEFAULTS,
+    grid=[
+        {"damping": lam, "damping_min": lam, "max_cg_iters": k}
+        for lam in (0.03, 0.3)
+        for k in (10, 50)
+    ],
+    description="EGN, row-space CG (matrix-free K v, warm start), Armijo + adaptive λ",
+)
 register_optimizer(
     "sgn",
-    gn_factory("sgn", "sgn"),
+    gn_factory("sgn"),
     defaults={"learning_rate": 1.0, "damping": 1e-4},
     grid=[{"damping": lam, "batch_size": b} for b in (32, 128) for lam in (1e-4, 1e-2, 1.0)],
     description="SGN: parameter-space CG on the damped GGN (<= 10 iterations), Armijo, adaptive λ",
 )
 register_optimizer(
     "sqn",
-    gn_factory("sqn", "sqn"),
+    gn_factory("sqn"),
     defaults={"learning_rate": 1.0},
     grid=[{"learning_rate": lr, "batch_size": b} for b in (32, 128) for lr in (1.0, 0.1)],
     description="SQN: stochastic L-BFGS (history 10, same-batch pairs) + Armijo",
 )
 register_optimizer(
     "ignd",
-    gn_factory("ignd", "ignd"),
+    gn_factory("ignd"),
     defaults={"learning_rate": 0.1, "damping": 1.0},
     grid=[{"learning_rate": lr, "damping": lam} for lr in (1.0, 0.1, 0.01) for lam in (0.1, 1.0)],
     description="IGND: per-example Gauss-Newton scaled gradients (scalar outputs only)",
 )
 register_optimizer(
     "dual-gn",
-    gn_factory("dual_gn", "dual"),
+    gn_factory("dual_gn"),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
     grid=EGN_LS_GRID,
     description="dual Gauss-Newton (Roulet & Blondel): exact convex loss, linearised network",
 )
 register_optimizer(
     "ggn",
-    gn_factory("gram_gauss_newton", "gram_gauss_newton", takes_loss=False),
+    gn_factory("gram_gauss_newton", takes_loss=False),
     defaults={"learning_rate": 1.0, "damping": 1e-3},
     grid=[{"learning_rate": lr, "damping": lam} for lr in (1.0, 0.3) for lam in (1e-3, 1.0, 10.0)],
     description="Gram-Gauss-Newton (Cai et al.), squared loss, sum convention",
