@@ -54,7 +54,7 @@ Example:
     >>> p2, state, info = jax.jit(opt.step)(p, opt.init(p), x, y)
     >>> tx = optax.chain(dual_gn_transform(fn, loss="softmax_cross_entropy"), optax.adam(1e-3))
     >>> s = tx.init(p)
-    >>> updates, s = tx.update(p, s, p, x=x, y=y)  # the incoming gradient is recomputed
+    >>> updates, s = jax.jit(tx.update)(p, s, p, x=x, y=y)  # the incoming gradient is recomputed
 """
 
 from __future__ import annotations
