@@ -246,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gaussnewton`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from gaussnewton.experiments._blas import limit_blas_threads
+
+    limit_blas_threads()  # LAPACK threads would compete with XLA's (see _blas)
     if args.command == "list":
         return _cmd_list()
     return _cmd_run(args, argv)
