@@ -54,13 +54,32 @@ def test_closed_forms_match_autodiff(name, b, c, seed):
 
 
 def test_softmax_factor_orientation():
-    """Q = S Sᵀ, and NOT Sᵀ S (the EGN authors' library used the wrong side)."""
+    """Q = S Sᵀ, and NOT Sᵀ S (the EGN authors' library used the wrong side); S has c − 1 columns
+    (rank Q = c − 1), all orthogonal to 1 (Sᵀ1 = 0 because 1ᵀQ1 = 0)."""
     f = jnp.array([[2.0, -1.0, 0.3, 0.0]])
     loss = gn.get_loss("softmax_cross_entropy")
     s = loss.factor(f, loss.prepare_labels(f, jnp.array([1])))[0]
     q = loss.hessian(f, None)[0]
+    assert s.shape == (4, 3)
     np.testing.assert_allclose(s @ s.T, q, atol=1e-14)
-    assert np.abs(s.T @ s - q).max() > 1e-3
+    np.testing.assert_allclose(s.T @ jnp.ones(4), 0.0, atol=1e-15)
+    assert np.linalg.matrix_rank(np.asarray(s)) == 3
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 200.0])
+def test_softmax_factor_float32_extreme_logits(scale):
+    """The rank c − 1 factor in float32 keeps S Sᵀ = Q to float32 rounding (2e-6 of max |Q|, a few
+    ulps of the O(1) entries), also when p is one-hot to rounding or the last class is certain."""
+    f = scale * jax.random.normal(jax.random.key(3), (64, 7), jnp.float32)
+    f = f.at[0].set(jnp.array([0, 0, 0, 0, 0, 0, scale], jnp.float32))  # last class certain
+    loss = gn.get_loss("softmax_cross_entropy")
+    s = jax.jit(loss.factor)(f, None)
+    q = np.asarray(loss.hessian(f.astype(jnp.float64), None))
+    err = np.abs(
+        np.einsum("bcr,bdr->bcd", np.asarray(s, np.float64), np.asarray(s, np.float64)) - q
+    )
+    assert s.dtype == jnp.float32 and s.shape == (64, 7, 6)
+    assert err.max() <= 2e-6 * max(np.abs(q).max(), 1e-30) + 1e-7
 
 
 @pytest.mark.parametrize(

@@ -127,8 +127,17 @@ class SquaredError(Loss):
 class SoftmaxCrossEntropy(Loss):
     r"""``l(f, y) = logsumexp(f) − ⟨y, f⟩`` for integer labels (``(b,)``) or one-hot / probability rows (``(b, c)``, rows summing to 1).
 
-    ``g = p − y``, ``Q = diag(p) − p pᵀ`` with ``p = softmax(f)``, factor ``S = diag(√p) − p √pᵀ``
-    (indeed ``S Sᵀ = diag(p) − 2 p pᵀ + p (√p·√p) pᵀ = diag(p) − p pᵀ`` because ``Σ p = 1``).
+    ``g = p − y``, ``Q = diag(p) − p pᵀ`` with ``p = softmax(f)``. ``Q`` has rank ``c − 1``
+    (``Q 1 = 0``), and the factor has ``c − 1`` columns, so the row space of EGN is ``b(c − 1)``:
+
+    * ``S₀ = diag(√p) − p √pᵀ`` is a square factor (``S₀ S₀ᵀ = diag(p) − 2ppᵀ + p(√p·√p)pᵀ = Q``
+      because ``Σ p = 1``) with ``S₀ √p = 0``;
+    * the Householder reflection ``H = I − v vᵀ/(1 + √p_c)``, ``v = √p + e_c``, maps ``√p`` to
+      ``−e_c`` (``‖v‖² = 2(1 + √p_c) ≥ 2``: no cancellation), so ``H e_c = −√p`` and
+      ``S = (S₀ H)[:, :c−1]`` has ``S Sᵀ = S₀ (I − √p √pᵀ) S₀ᵀ = Q``. With ``S₀ v = S₀ e_c``:
+      ``S[:, j] = √p_j (e_j − p − √p_c (e_c − p)/(1 + √p_c))``.
+
+    For ``c = 1`` (a degenerate softmax, ``Q = 0``) the factor is the ``1 × 1`` zero.
     """
 
     name: str = "softmax_cross_entropy"
@@ -162,9 +171,15 @@ class SoftmaxCrossEntropy(Loss):
         return jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
 
     def factor(self, f, y):
+        b, c = f.shape
         p = jax.nn.softmax(f, axis=-1)
+        if c == 1:
+            return jnp.zeros((b, 1, 1), f.dtype)
         sp = jnp.sqrt(p)
-        return jax.vmap(jnp.diag)(sp) - p[:, :, None] * sp[:, None, :]
+        e = jnp.eye(c, dtype=f.dtype)
+        last = (e[-1] - p) * (sp[:, -1:] / (1 + sp[:, -1:]))  # √p_c (e_c − p)/(1 + √p_c), (b, c)
+        cols = e[None, :, : c - 1] - (p + last)[:, :, None]  # (b, c, c−1): e_j − p − last
+        return cols * sp[:, None, : c - 1]
 
     def sample_factor(self, f, y, key, num_samples):
         # y_hat ~ Categorical(p): S = [p − e_ŷ1, ..., p − e_ŷm]/√m, E[(p − e)(p − e)ᵀ] = diag(p) − ppᵀ.
