@@ -4,11 +4,11 @@ Parameter space (the definition, ``d`` unknowns):
 
 .. math:: d = -(H + λI)^{-1} \nabla L, \qquad H = \tfrac1b J^\top Q J,\quad \nabla L = \tfrac1b J^\top g .
 
-Row space (what is computed, ``b·c`` or ``b·m`` unknowns):
+Row space (what is computed, ``b·c``, ``b·r`` or ``b·m`` unknowns):
 
 * ``Q = I`` (squared error): push-through, ``d = -Jᵀ (K + bλI)^{-1} g`` — one Cholesky.
-* any other curvature ``Q = S Sᵀ`` with ``S`` of shape ``(b, c, r)`` (exact factor, ``r = c``; or the
-  sampled factor, ``r = m``): Woodbury on ``λI + Jᵀ S Sᵀ J / b``,
+* any other curvature ``Q = S Sᵀ`` with ``S`` of shape ``(b, c, r)`` (the exact factor, ``r = rank Q``:
+  ``c − 1`` for softmax, ``c`` otherwise; or the sampled factor, ``r = m``): Woodbury on ``λI + Jᵀ S Sᵀ J / b``,
 
   .. math:: d = -\tfrac{1}{λ} J^\top\Big(\tfrac{g}{b} - S v\Big), \qquad
             v = (S^\top K S + bλI)^{-1} S^\top J \nabla L ,
