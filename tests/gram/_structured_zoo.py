@@ -64,6 +64,103 @@ def cnn():
     return f, p, _normal(ks[0], (3, 6, 6, 2), 1.0), _normal(ks[1], (2, 6, 6, 2), 1.0)
 
 
+def conv_nchw_strided():
+    """NCHW/OIHW conv: strides (2, 1), asymmetric explicit padding, kernel dilation, bias."""
+    ks = _keys(15)
+
+    def f(p, x):  # x: (n, 2, 6, 5)
+        h = jax.lax.conv_general_dilated(
+            x,
+            p["k"],
+            window_strides=(2, 1),
+            padding=((1, 0), (2, 1)),
+            rhs_dilation=(2, 1),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )  # (n, 3, 3, 6)
+        h = jnp.tanh(h + p["c"][None, :, None, None])
+        return h.reshape(h.shape[0], -1) @ p["w"]
+
+    p = {
+        "k": _normal(ks[2], (3, 2, 2, 3)),
+        "c": _normal(ks[3], (3,), 0.1),
+        "w": _normal(ks[4], (54, 2), 0.3),
+    }
+    return f, p, _normal(ks[0], (3, 2, 6, 5), 1.0), _normal(ks[1], (2, 2, 6, 5), 1.0)
+
+
+def conv1d_lhs_dilated():
+    """1-D convs over a sequence (NWC/WIO): input (lhs) dilation, then a transposed conv."""
+    ks = _keys(16)
+
+    def f(p, x):  # x: (n, 5, 2)
+        dn = ("NWC", "WIO", "NWC")
+        h = jax.lax.conv_general_dilated(
+            x, p["k1"], (1,), ((1, 1),), lhs_dilation=(2,), dimension_numbers=dn
+        )  # (n, 9, 3)
+        h = jnp.tanh(h + p["c1"])
+        # flipped, I/O-swapped kernel (rev + transpose views) with lhs dilation 2
+        h = jax.lax.conv_transpose(
+            h, p["k2"], (2,), "SAME", dimension_numbers=dn, transpose_kernel=True
+        )
+        return jnp.tanh(h).mean(1) @ p["w"]
+
+    p = {
+        "k1": _normal(ks[2], (3, 2, 3)),
+        "c1": _normal(ks[3], (3,), 0.1),
+        "k2": _normal(ks[4], (2, 2, 3)),  # WIO of the forward conv: transposed here
+        "w": _normal(ks[5], (2, 2)),
+    }
+    return f, p, _normal(ks[0], (4, 5, 2), 1.0), _normal(ks[1], (2, 5, 2), 1.0)
+
+
+def conv3d_shared_kernel():
+    """One 3-D kernel used by two convs (two layouts) and a dense layer: merged, cross terms."""
+    ks = _keys(17)
+
+    def f(p, x):  # x: (n, 3, 3, 3, 2)
+        W = p["W"]  # DHWIO (2, 2, 2, 2, 2)
+        h = jax.lax.conv_general_dilated(
+            x, W, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+        )  # (n, 3, 3, 3, 2)
+        h = jnp.tanh(h)
+        h = jax.lax.conv_general_dilated(
+            h,
+            jnp.transpose(W, (4, 3, 0, 1, 2)),
+            (2, 2, 2),
+            "SAME",
+            dimension_numbers=("NDHWC", "OIDHW", "NCDHW"),
+        )  # (n, 2, 2, 2, 2)
+        # the same kernel as a dense layer on a flattened (input feature, D, H, W) patch
+        patch = jnp.transpose(x[:, :2, :2, :2, :], (0, 4, 1, 2, 3)).reshape(x.shape[0], 16)
+        d = jnp.tanh(patch @ jnp.transpose(W, (3, 0, 1, 2, 4)).reshape(16, 2))
+        return jnp.sin(h).reshape(h.shape[0], -1) @ p["w"] + d
+
+    p = {"W": _normal(ks[2], (2, 2, 2, 2, 2)), "w": _normal(ks[3], (16, 2), 0.4)}
+    return f, p, _normal(ks[0], (3, 3, 3, 3, 2), 1.0), _normal(ks[1], (2, 3, 3, 3, 2), 1.0)
+
+
+def grouped_conv():
+    """``feature_group_count=2`` (depthwise): per-example gradients of that kernel."""
+    ks = _keys(18)
+
+    def f(p, x):  # x: (n, 4, 4, 2)
+        dn = ("NHWC", "HWIO", "NHWC")
+        h = jax.lax.conv_general_dilated(
+            x, p["g"], (1, 1), "VALID", dimension_numbers=dn, feature_group_count=2
+        )  # (n, 3, 3, 2)
+        h = jax.nn.softplus(h + p["c"])
+        h = jax.lax.conv_general_dilated(h, p["k"], (2, 2), "SAME", dimension_numbers=dn)
+        return jnp.tanh(h).mean((1, 2)) @ p["w"]
+
+    p = {
+        "g": _normal(ks[2], (2, 2, 1, 2)),
+        "c": _normal(ks[3], (2,), 0.1),
+        "k": _normal(ks[4], (2, 2, 2, 3)),
+        "w": _normal(ks[5], (3, 2)),
+    }
+    return f, p, _normal(ks[0], (3, 4, 4, 2), 1.0), _normal(ks[1], (2, 4, 4, 2), 1.0)
+
+
 def _layer_norm(h, g, b, eps=1e-5):
     mu = h.mean(-1, keepdims=True)
     var = ((h - mu) ** 2).mean(-1, keepdims=True)
@@ -308,6 +405,10 @@ ZOO = {
     "mlp_tanh": lambda: mlp(),
     "mlp_relu_gelu_multi_output": lambda: mlp(jax.nn.relu, jax.nn.gelu, k=4, seed=3),
     "cnn_pooling": cnn,
+    "conv_nchw_strided": conv_nchw_strided,
+    "conv1d_lhs_dilated": conv1d_lhs_dilated,
+    "conv3d_shared_kernel": conv3d_shared_kernel,
+    "grouped_conv": grouped_conv,
     "layernorm_residual": layernorm_residual,
     "embedding": embedding,
     "transformer_block": transformer,

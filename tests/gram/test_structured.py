@@ -135,6 +135,59 @@ def test_rules_chosen_for_the_zoo():
     assert tied["['E']"].rule == "mixed" and tied["['E']"].kinds == ("dense", "embedding")
 
 
+def test_conv_rules_chosen_for_the_zoo():
+    cnn = explain(*ZOO["cnn_pooling"]()[:3], dense_method="factored")
+    for w in ("k1", "k2"):
+        assert (cnn[f"['{w}']"].rule, cnn[f"['{w}']"].method) == ("conv", "factored"), w
+    assert cnn["['c1']"].reason == "merged into the conv rule of ['k1']"
+    assert cnn["['k1']"].forms[0].with_bias and not cnn["['k2']"].forms[0].with_bias
+    strided = explain(*ZOO["conv_nchw_strided"]()[:3], dense_method="factored")
+    assert strided["['k']"].forms[0].with_bias  # NCHW bias (1, C, 1, 1) merges too
+    (form,) = strided["['k']"].forms
+    assert (form.T, form.Cin, form.Cout) == (18, 12, 3)  # 3 x 6 positions, 2 x (2 x 3) patches
+    seq = explain(*ZOO["conv1d_lhs_dilated"]()[:3], dense_method="factored")
+    assert seq["['k2']"].method == "factored"  # transposed conv: rev + I/O swap of the kernel
+    shared = explain(*ZOO["conv3d_shared_kernel"]()[:3], dense_method="factored")["['W']"]
+    assert (shared.rule, shared.method, shared.kinds) == ("mixed", "factored", ("conv", "dense"))
+    assert [f.T for f in shared.forms] == [27, 8, 1]
+    grouped = explain(*ZOO["grouped_conv"]()[:3], dense_method="factored")
+    assert (grouped["['g']"].rule, grouped["['g']"].method) == ("conv", "per-example-gradient")
+    assert "feature_group_count=2" in grouped["['g']"].reason
+    assert grouped["['c']"].method == "per-example-gradient"  # its conv is not factored
+    assert grouped["['k']"].method == "factored"
+    forced = explain(*ZOO["cnn_pooling"]()[:3], dense_method="per-example-gradient")
+    assert forced["['k1']"].method == forced["['c1']"].method == "per-example-gradient"
+
+
+def _conv_head(stride):
+    def f(p, x):
+        dn = ("NHWC", "HWIO", "NHWC")
+        h = jax.lax.conv_general_dilated(x, p["k"], stride, "SAME", dimension_numbers=dn)
+        return jnp.tanh(h).mean((1, 2)) @ p["w"]
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "image, kernel, stride, method",
+    [
+        ((28, 28, 1), (3, 3, 1, 16), (1, 1), "per-example-gradient"),  # 784 positions
+        ((4, 4, 64), (3, 3, 64, 64), (2, 2), "factored"),  # 2 x 2 positions, big kernel
+    ],
+)
+def test_conv_flop_model_choice(image, kernel, stride, method):
+    """``auto`` on a many-positions / small-kernel conv and a few-positions / big-kernel one."""
+    n, k = 128, 10
+    params = {"k": jnp.zeros(kernel), "w": jnp.zeros((kernel[-1], k))}
+    plan = explain(_conv_head(stride), params, jnp.zeros((n, *image)))["['k']"]
+    assert (plan.rule, plan.method) == ("conv", method)
+    T = (image[0] // stride[0]) * (image[1] // stride[1])
+    Cin, Cout = kernel[0] * kernel[1] * kernel[2], kernel[3]
+    assert plan.cost_dense == n * n * T * T * (Cin + k * k * Cout + k * k)
+    assert plan.cost_pergrad == 2 * n * k * T * Cin * Cout + n * n * k * k * Cin * Cout
+    assert (plan.cost_dense > plan.cost_pergrad) == (method == "per-example-gradient")
+
+
 def test_analysis_error_degrades_to_exact_fallback(monkeypatch):
     import gaussnewton.gram.structured._assemble as assemble
 

@@ -8,8 +8,13 @@ checkpoint) are inlined. Rules, per leaf:
   ``G = df/dz`` from zero probes on ``z`` and one backward pass per output column (vmapped);
   several uses with one layout are merged (cross terms); a bias added right after the dot folds
   in as a column of ones in ``a``;
+* conv (``conv_general_dilated``, any dimension numbers, strides, padding, lhs / rhs dilation):
+  the dense rule over output positions ``t`` with ``a_t`` the input patch under ``t``
+  (``jax.lax.conv_general_dilated_patches``), the kernel laid out as (input feature x window,
+  output feature); uses with one layout (also dense ones) merge, a bias right after folds in;
+  grouped convs (``feature_group_count`` / ``batch_group_count`` > 1) take per-example gradients;
 * embedding (gather of whole rows): ``sum_{t,s} [id_t == id_s] (G_t . G_s)``;
-* bias / scale / conv, dense or embedding when the flop model prefers it, and anything not
+* bias / scale, dense, conv or embedding when the flop model prefers it, and anything not
   recognized (scan/while bodies, a parameter inside custom_jvp/custom_vjp, both operands of a
   product, ...): per-example gradients of THAT leaf only (exact; "fallback" when unrecognized).
 
@@ -49,8 +54,10 @@ def explain(
 
     ``LeafPlan.rule`` is the recognized rule (``"dense"``, ``"bias"``, ``"scale"``, ``"conv"``,
     ``"embedding"``, ``"mixed"``) or ``"fallback"`` (an unrecognized use, see ``reason``),
-    ``"unused"``, ``"non-float"``; ``LeafPlan.method`` is ``"factored"`` (dense rule),
-    ``"per-example-gradient"`` (that leaf's per-example gradients) or ``"none"``.
+    ``"unused"``, ``"non-float"``; ``LeafPlan.method`` is ``"factored"`` (the dense, conv or
+    embedding rule, or a bias merged into one), ``"per-example-gradient"`` (that leaf's
+    per-example gradients) or ``"none"``. ``cost_dense`` / ``cost_pergrad`` are the flop
+    estimates compared under ``dense_method="auto"``.
     """
     _, plans = make_plan(model_fn, params, x1, x2, dense_method)
     return {p.name: p for p in plans}

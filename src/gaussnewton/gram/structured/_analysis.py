@@ -40,10 +40,12 @@ class Use:
       index: integer index array (shape of the operand) into the flattened leaf.
       params: the equation's parameters (dimension numbers, ...).
       out_shape: per-example shape of the equation's output.
-      other_shape: per-example shape of the other operand (dense only).
-      other_producer: path of the ``dot_general`` (same scope) whose output, possibly through
-        single-consumer transposes / reshapes (``other_chain``), is the other operand and has no
-        other consumer: lets a bias merge into the dense rule before it.
+      other_shape: per-example shape of the other operand (the activation of a dense use, the
+        input ``lhs`` of a conv use).
+      other_producer: path of the ``dot_general`` or ``conv_general_dilated`` (same scope) whose
+        output, possibly through single-consumer transposes / reshapes (``other_chain``), is the
+        other operand and has no other consumer: lets a bias merge into the dense / conv rule
+        before it.
       other_chain: those views, as ``(primitive name, params, input shape)``.
     """
 
@@ -146,10 +148,13 @@ def analyze(jaxpr: Jaxpr, num_params: int, differentiable: list[bool]) -> list[L
 _OUTPUT_VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy_p"})
 
 
+_LINEAR_PRODUCERS = frozenset({"dot_general", "conv_general_dilated"})
+
+
 def _track_dot_output(eqn, here: Path, from_dot: dict, consumers: Counter) -> None:
-    """Follow ``dot_general`` outputs through single-consumer transposes / reshapes."""
+    """Follow dot_general / conv_general_dilated outputs through single-consumer views."""
     name = eqn.primitive.name
-    if name == "dot_general":
+    if name in _LINEAR_PRODUCERS:
         from_dot[eqn.outvars[0]] = (here, ())
     elif name in _OUTPUT_VIEWS and len(eqn.invars) == 1 and len(eqn.outvars) == 1:
         v = eqn.invars[0]
@@ -175,7 +180,7 @@ def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> 
     consumers = Counter(
         v for e in jaxpr.eqns for v in e.invars if not isinstance(v, Literal)
     ) + Counter(v for v in jaxpr.outvars if not isinstance(v, Literal))
-    from_dot: dict = {}  # var -> (path of the dot_general, views applied since)
+    from_dot: dict = {}  # var -> (path of the dot_general / conv, views applied since)
     for i, eqn in enumerate(jaxpr.eqns):
         here = path + (i,)
         _track_dot_output(eqn, here, from_dot, consumers)

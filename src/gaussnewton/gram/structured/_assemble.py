@@ -15,6 +15,7 @@ from ._cost import (
     DENSE,
     DENSE_METHODS,
     PERGRAD,
+    ConvForm,
     EmbedForm,
     LeafPlan,
     merge_biases,
@@ -65,12 +66,29 @@ def make_plan(
     return traced, plans
 
 
-def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callable:
-    """Per-example map ``x_i -> (A per dense leaf, G per dense leaf, per-example gradients)``.
+def _patches(f: ConvForm, lhs: jax.Array) -> jax.Array:
+    """Input patches of a conv use, laid out like its output (patch features as its features)."""
+    n = len(f.filter_shape)
+    dn = jax.lax.ConvDimensionNumbers(f.lhs_spec, tuple(range(n + 2)), f.out_spec)
+    return jax.lax.conv_general_dilated_patches(
+        lhs,
+        f.filter_shape,
+        f.window_strides,
+        f.padding,
+        f.lhs_dilation,
+        f.rhs_dilation,
+        dn,
+        precision=_HI,  # a pure selection: keep it exact (no TF32 / bf16 passes)
+    )
 
-    One forward pass with a zero probe added to the output of every dense use, then one VJP per
-    output column (vmapped over the k unit cotangents) w.r.t. the probes and the leaves that take
-    per-example gradients.
+
+def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callable:
+    """Per-example map ``x_i -> (A per factored leaf, G per factored leaf, per-example gradients)``.
+
+    One forward pass with a zero probe added to the output of every factored (dense, conv,
+    embedding) use, recording its activation operand, then one VJP per output column (vmapped
+    over the k unit cotangents) w.r.t. the probes and the leaves that take per-example gradients.
+    A conv's activation becomes its input patches.
     """
     closed = traced.jaxpr
     k = traced.num_outputs
@@ -114,6 +132,8 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
                 A.append(jnp.clip(ids, 0, f.V - 1))
                 G.append(g)
             else:
+                if isinstance(f, ConvForm):  # dense on patches
+                    a = _patches(f, a)
                 a = jnp.transpose(a, f.a_perm).reshape(f.B, f.T, f.Cin)
                 if f.with_bias:
                     a = jnp.concatenate([a, jnp.ones((f.B, f.T, 1), a.dtype)], axis=-1)
@@ -183,12 +203,19 @@ def structured_gram(
         K_W[(i,k),(j,l)] = sum_{t,s} (a_it . a_js) (G_ikt . G_jls),   G_ik = d f_ik / d z_i,
 
       with ``G`` from one backward pass per output column (a zero probe added to ``z``);
-    * other leaves (bias, scale, conv, embedding, unrecognized uses): per-example gradients
-      ``V_ik = d f_ik / d w`` of that leaf only, ``K_w = V V^T``.
+    * conv kernels (``conv_general_dilated``, any layout, strides, padding, dilations; not
+      grouped): the same sum with ``a_it`` the input patch under output position ``t``
+      (``jax.lax.conv_general_dilated_patches``) and ``G = df/dz`` at the conv output;
+    * embedding tables (gathers of whole rows): ``sum_{t,s} [id_it == id_js] (G_ikt . G_jls)``;
+    * a bias added right after a factored dot / conv: a column of ones in ``a``;
+    * other leaves (bias, scale, grouped conv, unrecognized uses) and dense / conv / embedding
+      leaves where the flop model prefers it: per-example gradients ``V_ik = d f_ik / d w`` of
+      that leaf only, ``K_w = V V^T``.
 
     ``dense_method`` (``"auto"``, ``"factored"``, ``"per-example-gradient"``) overrides the flop
-    model that picks, per dense leaf, between the two forms. Works under ``jax.jit`` (the analysis
-    uses shapes only), for any params pytree. The result dtype is at least float32.
+    model that picks, per dense / conv / embedding leaf, between the two forms. Works under
+    ``jax.jit`` (the analysis uses shapes only), for any params pytree. The result dtype is at
+    least float32.
     """
     traced, plans = make_plan(model_fn, params, x1, x2, dense_method)
     leaves = jax.tree_util.tree_leaves(params)

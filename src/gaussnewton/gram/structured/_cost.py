@@ -1,4 +1,4 @@
-"""Per-leaf plan: canonical form of dense uses and the flop model that picks the rule.
+"""Per-leaf plan: canonical form of dense and conv uses and the flop model that picks the rule.
 
 A dense use ``z = dot_general(a, W')`` is brought to the canonical form
 ``a -> A (B, T, C_in)``, ``dz -> G (k, B, T, C_out)``, ``W' -> (B, C_in, C_out)`` where ``B`` are
@@ -8,13 +8,22 @@ per-example gradient is ``dW'[b] = sum_t A[b, t] (x) G_k[b, t]`` and its Gram bl
 
     K[(i,k),(j,l)] = sum_b sum_{t,s} (A_i[b,t] . A_j[b,s]) (G_ik[b,t] . G_jl[b,s]).
 
-When the view ``W -> W'`` is a bijection (reshape / transpose / convert, no broadcast or slice),
-inner products of ``W'``-gradients equal those of ``W``-gradients, so the canonical form is exact.
-Several dense uses with the *same* canonical map are merged by concatenating positions ``T`` (this
-adds the cross terms between uses). The factored cost ``n1 n2 B T^2 (C_in + k^2 C_out + k^2)`` is
-compared with per-example gradients ``(n1 + n2) k B T C_in C_out + n1 n2 k^2 P``; the cheaper wins,
-except that the factored form is avoided when its ``(i, j, t, s)`` intermediates would exceed
-``MEMORY_CAP`` entries (long sequences) and per-example gradients are smaller.
+A convolution ``z = conv_general_dilated(x, W')`` (``feature_group_count = batch_group_count = 1``)
+is the same thing over its output positions: ``z[t, o] = sum_p P[t, p] W'[p, o]`` with the input
+patches ``P = conv_general_dilated_patches(x, ...)`` (same strides, padding, dilations and layout),
+so ``B = 1``, ``T`` = output positions (times the conv's own batch, 1 per example), ``A = P``
+(``C_in`` = input features x filter window, input-feature-major like the patches) and ``G`` the
+cotangent of ``z``; ``W'`` is laid out as ``(I, *window, O)``. Grouped convolutions keep
+per-example gradients.
+
+When the view ``W -> W'`` is a bijection (reshape / transpose / rev / convert, no broadcast or
+slice), inner products of ``W'``-gradients equal those of ``W``-gradients, so the canonical form is
+exact. Several dense / conv uses with the *same* canonical map are merged by concatenating
+positions ``T`` (this adds the cross terms between uses). The factored cost
+``n1 n2 B T^2 (C_in + k^2 C_out + k^2)`` is compared with per-example gradients
+``(n1 + n2) k B T C_in C_out + n1 n2 k^2 P``; the cheaper wins, except that the factored form is
+avoided when its ``(i, j, t, s)`` intermediates would exceed ``MEMORY_CAP`` entries (long
+sequences, large feature maps) and per-example gradients are smaller.
 """
 
 from __future__ import annotations
@@ -52,6 +61,25 @@ class DenseForm:
 
 
 @dataclass
+class ConvForm(DenseForm):
+    """A ``conv_general_dilated`` use as a dense use on input patches (``B = 1``).
+
+    ``A`` is ``conv_general_dilated_patches(lhs, filter_shape, window_strides, padding,
+    lhs_dilation, rhs_dilation, (lhs_spec, iota, out_spec))``: laid out like the conv output,
+    patch features in the output-feature dimension, ordered (input feature, window dim 0, ...).
+    ``a_perm`` / ``g_perm`` bring patches / ``z`` to (batch, spatial..., feature).
+    """
+
+    filter_shape: tuple[int, ...] = ()
+    window_strides: tuple[int, ...] = ()
+    padding: tuple[tuple[int, int], ...] = ()
+    lhs_dilation: tuple[int, ...] = ()
+    rhs_dilation: tuple[int, ...] = ()
+    lhs_spec: tuple[int, ...] = ()
+    out_spec: tuple[int, ...] = ()
+
+
+@dataclass
 class LeafPlan:
     """What the engine does for one parameter leaf.
 
@@ -60,7 +88,8 @@ class LeafPlan:
       rule: the structured rule recognized for all uses of the leaf (``"dense"``, ``"bias"``,
         ``"scale"``, ``"conv"``, ``"embedding"``, ``"mixed"``), or ``"fallback"`` (some use is
         not recognized), ``"unused"``, ``"non-float"``.
-      method: how its Gram block is computed: ``"factored"``, ``"per-example-gradient"``, ``"none"``.
+      method: how its Gram block is computed: ``"factored"`` (the dense, conv or embedding rule),
+        ``"per-example-gradient"``, ``"none"``.
       kinds: kinds of the recognized uses.
       reason: why a per-example gradient or the fallback was chosen.
       cost_dense / cost_pergrad: flop estimates (``None`` when not applicable).
@@ -73,7 +102,7 @@ class LeafPlan:
     reason: str = ""
     cost_dense: float | None = None
     cost_pergrad: float | None = None
-    forms: list[DenseForm | EmbedForm] = field(default_factory=list, repr=False)
+    forms: list[DenseForm | ConvForm | EmbedForm] = field(default_factory=list, repr=False)
 
 
 def dense_form(use: Use) -> tuple[DenseForm, np.ndarray]:
@@ -104,6 +133,55 @@ def dense_form(use: Use) -> tuple[DenseForm, np.ndarray]:
         )
     form = DenseForm(use.path, 1 - use.operand, ab + af + ac, g_perm, B, T, Cin, Cout)
     return form, canon
+
+
+def _ints(t) -> tuple[int, ...]:
+    return tuple(int(d) for d in t)
+
+
+def conv_group_reason(use: Use) -> str | None:
+    """Why a conv use has no factored form (grouped convolution), else ``None``."""
+    fg = int(use.params.get("feature_group_count", 1))
+    bg = int(use.params.get("batch_group_count", 1))
+    if fg == 1 and bg == 1:
+        return None
+    return (
+        f"grouped convolution (feature_group_count={fg}, batch_group_count={bg}): "
+        "per-example gradients of the kernel (exact)"
+    )
+
+
+def conv_form(use: Use) -> tuple[ConvForm, np.ndarray]:
+    """Canonical form of an ungrouped conv use and its canonical index array ``(1, C_in, C_out)``.
+
+    ``C_in = I * prod(window)`` in the patch-feature order (input feature major, then the window
+    dims in spatial order), ``C_out = O``.
+    """
+    lhs_spec, rhs_spec, out_spec = (_ints(s) for s in use.params["dimension_numbers"])
+    w = use.index
+    canon = np.transpose(w, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))
+    Cout = int(w.shape[rhs_spec[0]])
+    Cin = int(canon.size // Cout)
+    T = int(np.prod(use.out_shape, dtype=np.int64) // Cout)
+    perm = (out_spec[0], *out_spec[2:], out_spec[1])  # (batch, spatial..., feature)
+    form = ConvForm(
+        path=use.path,
+        a_operand=0,  # lhs; the hook records it, the assembly turns it into patches
+        a_perm=perm,  # patches are laid out like z
+        g_perm=perm,
+        B=1,
+        T=T,
+        Cin=Cin,
+        Cout=Cout,
+        filter_shape=tuple(int(w.shape[d]) for d in rhs_spec[2:]),
+        window_strides=_ints(use.params["window_strides"]),
+        padding=tuple((int(lo), int(hi)) for lo, hi in use.params["padding"]),
+        lhs_dilation=_ints(use.params["lhs_dilation"]),
+        rhs_dilation=_ints(use.params["rhs_dilation"]),
+        lhs_spec=lhs_spec,
+        out_spec=out_spec,
+    )
+    return form, canon.reshape(1, Cin, Cout)
 
 
 @dataclass
@@ -167,6 +245,7 @@ def _is_bijection(canon: np.ndarray, size: int) -> bool:
 
 
 DENSE_METHODS = ("auto", DENSE, PERGRAD)
+_LINEAR_KINDS = frozenset({"dense", "conv"})  # both have the (a . a)(G . G) form
 
 
 def plan_leaf(
@@ -174,8 +253,10 @@ def plan_leaf(
 ) -> LeafPlan:
     """Choose the rule for one leaf of ``size`` entries (batch sizes ``n1``, ``n2``, ``k`` outputs).
 
-    ``dense_method`` overrides the flop model for eligible dense leaves (``"factored"`` or
-    ``"per-example-gradient"``); ``"auto"`` picks the cheaper.
+    ``dense_method`` overrides the flop model for eligible dense / conv / embedding leaves
+    (``"factored"`` or ``"per-example-gradient"``); ``"auto"`` picks the cheaper. Dense and conv
+    uses of one leaf share the factored form (merged along positions) when their canonical
+    layouts agree.
     """
     kinds = tuple(sorted({u.kind for u in found.uses}))
     if found.fallback is not None:
@@ -184,22 +265,30 @@ def plan_leaf(
         return LeafPlan(name, UNUSED)
     if kinds == ("embedding",):
         return _plan_embedding(name, found, size, n1, n2, k, dense_method)
-    if kinds != ("dense",):
-        rule = kinds[0] if len(kinds) == 1 else "mixed"
+    rule = kinds[0] if len(kinds) == 1 else "mixed"
+    if not set(kinds) <= _LINEAR_KINDS:
         return LeafPlan(name, rule, PERGRAD, kinds, "per-example gradient of the leaf (exact)")
-    forms, canons = zip(*(dense_form(u) for u in found.uses), strict=True)
+    for u in found.uses:
+        reason = conv_group_reason(u) if u.kind == "conv" else None
+        if reason is not None:
+            return LeafPlan(name, rule, PERGRAD, kinds, reason)
+    forms, canons = zip(
+        *(conv_form(u) if u.kind == "conv" else dense_form(u) for u in found.uses), strict=True
+    )
     if not _is_bijection(canons[0], size):
-        reason = "the weight is broadcast or sliced before the dot"
-        return LeafPlan(name, "dense", PERGRAD, kinds, reason)
+        op = "dot" if kinds == ("dense",) else "conv" if kinds == ("conv",) else "dot / conv"
+        return LeafPlan(
+            name, rule, PERGRAD, kinds, f"the weight is broadcast or sliced before the {op}"
+        )
     if any(c.shape != canons[0].shape or not np.array_equal(c, canons[0]) for c in canons[1:]):
         reason = "uses with different layouts of the weight"
-        return LeafPlan(name, "dense", PERGRAD, kinds, reason)
+        return LeafPlan(name, rule, PERGRAD, kinds, reason)
     f0 = forms[0]
     T = sum(f.T for f in forms)
     cost_dense = float(n1 * n2 * f0.B * T * T * (f0.Cin + k * k * f0.Cout + k * k))
     cost_pergrad = float((n1 + n2) * k * f0.B * T * f0.Cin * f0.Cout + n1 * n2 * k * k * size)
     mem = (n1 * n2 * f0.B * T * T * (1 + k * k), (n1 + n2) * k * size)
-    plan = LeafPlan(name, "dense", DENSE, kinds, "", cost_dense, cost_pergrad, list(forms))
+    plan = LeafPlan(name, rule, DENSE, kinds, "", cost_dense, cost_pergrad, list(forms))
     if dense_method == PERGRAD or (
         dense_method == "auto" and _pergrad_better(cost_dense, cost_pergrad, *mem)
     ):
@@ -246,9 +335,10 @@ def _plan_embedding(name, found, size, n1, n2, k, dense_method) -> LeafPlan:
 
 
 def merge_biases(plans: list[LeafPlan], found: list[LeafUses], sizes: list[int]) -> None:
-    """Fold bias leaves into the factored dense rule of the ``dot_general`` they are added to.
+    """Fold bias leaves into the factored rule of the ``dot_general`` / conv they are added to.
 
-    For ``z = a W + b`` (the dot's output used only by the add, ``b`` broadcast over positions)
+    For ``z = a W + b`` (the dot's or conv's output used only by the add, ``b`` broadcast over
+    positions)
     ``dz/db`` is ``G`` summed over positions, so ``K_W + K_b = sum_{t,s} (a_t . a_s + 1)(G_t . G_s)``:
     a column of ones appended to ``A`` replaces the bias' own per-example gradients.
     """
@@ -274,4 +364,4 @@ def merge_biases(plans: list[LeafPlan], found: list[LeafUses], sizes: list[int])
         if not np.all(canon == canon[:1]) or not _is_bijection(canon[0], size):
             continue
         form.with_bias = True
-        pl.method, pl.reason = DENSE, f"merged into the dense rule of {target.name}"
+        pl.method, pl.reason = DENSE, f"merged into the {target.rule} rule of {target.name}"
