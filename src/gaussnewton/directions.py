@@ -37,9 +37,8 @@ import jax.numpy as jnp
 
 from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
 from gaussnewton.cg import row_space_cg
-from gaussnewton.gram import as_2d
-from gaussnewton.gram import gram as compute_gram
-from gaussnewton.linalg import solve_damped_spd
+from gaussnewton.gram import as_2d, gram_factors
+from gaussnewton.linalg import num_tiles, solve_tiled_spd
 from gaussnewton.losses import Loss, LossLike, get_loss
 
 PyTree = Any
@@ -81,6 +80,30 @@ def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
             "from their state when step(..., key=None))."
         )
     return jax.lax.stop_gradient(loss.sample_factor(f, y, key, num_samples))
+
+
+def _gram_solve(fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``u = (K + shift I)⁻¹ rhs`` for the Gram ``K`` of ``fn`` on ``x``; ``rhs``, ``u``: ``(b, k)``.
+
+    The Gram is built tile by tile over example blocks of about ``TILE_ROWS / k`` examples from
+    one set of per-example factors (:func:`gaussnewton.gram.gram_factors`) and solved by the tile
+    Cholesky of :func:`gaussnewton.linalg.solve_tiled_spd`: only the lower tiles are formed.
+    """
+    b, k = rhs.shape
+    factors, block = gram_factors(fn, params, x, strategy=strategy)
+    nt = min(num_tiles(b * k), b)
+    edges = [round(i * b / nt) for i in range(nt + 1)]
+    parts = [
+        jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], factors)
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    sizes = [(hi - lo) * k for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+    def tile(i: int, j: int) -> jax.Array:
+        t = block(parts[i]) if i == j else block(parts[i], parts[j])
+        return t.reshape(sizes[i], sizes[j]).astype(rhs.dtype)
+
+    return solve_tiled_spd(tile, sizes, shift, rhs.reshape(b * k)).reshape(b, k)
 
 
 def linearize_and_solve(
@@ -129,9 +152,7 @@ def linearize_and_solve(
     blam = b * lam
 
     if loss.identity_curvature and curvature == "exact":
-        k = compute_gram(fn, params, x, strategy=gram_strategy)
-        n = k.shape[0] * k.shape[1]
-        u = solve_damped_spd(k.reshape(n, n), blam, g.reshape(n).astype(dt)).reshape(g.shape)
+        u = _gram_solve(fn, params, x, gram_strategy, blam, g.astype(dt))
         cot = jnp.stack([g / b, -u.astype(f.dtype)])
         both = jax.vmap(lambda c: vjp_fn(c)[0])(cot)
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
@@ -139,7 +160,6 @@ def linearize_and_solve(
         return _Linearization(value, grad, direction, jnp.zeros((b, g.shape[1], 0), f.dtype), True)
 
     s = _curvature_factor(loss, f, y, curvature, num_samples, key)  # (b, c, r)
-    r = s.shape[-1]
     (grad,) = vjp_fn((g / b).astype(f.dtype))
     _, jgrad = jax.jvp(lambda p: fn(p, x), (params,), (grad,))  # J ∇L, (b, c)
     w = jnp.einsum("bcr,bc->br", s.astype(dt), jgrad.astype(dt))  # Sᵀ J ∇L
@@ -148,8 +168,7 @@ def linearize_and_solve(
         xx, ss = xs
         return jnp.einsum("bc,bcr->br", fn(p, xx), ss)
 
-    ks = compute_gram(projected, params, (x, jax.lax.stop_gradient(s)), strategy=gram_strategy)
-    v = solve_damped_spd(ks.reshape(b * r, b * r), blam, w.reshape(b * r)).reshape(b, r)
+    v = _gram_solve(projected, params, (x, jax.lax.stop_gradient(s)), gram_strategy, blam, w)
     cot = (g.astype(dt) / b - jnp.einsum("bcr,br->bc", s.astype(dt), v)) / lam
     (direction,) = vjp_fn(-cot.astype(f.dtype))
     return _Linearization(value, grad, direction, s, False)

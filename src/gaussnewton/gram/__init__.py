@@ -27,16 +27,21 @@ from typing import Any
 import jax
 
 from gaussnewton._tree import tree_size
-from gaussnewton.gram._jacobian import jacobian_gram
+from gaussnewton.gram._jacobian import jacobian_factors, jacobian_gram
 from gaussnewton.gram._matvec import gram_matvec, matvec_gram
-from gaussnewton.gram.structured import structured_gram
+from gaussnewton.gram.structured import structured_factors, structured_gram
 
 PyTree = Any
 ModelFn = Callable[[PyTree, PyTree], jax.Array]
 GramStrategy = Callable[[ModelFn, PyTree, PyTree, PyTree | None], jax.Array]
+#: ``factors(model_fn, params, x) -> (F, block)``: see :func:`gram_factors`.
+GramFactors = Callable[[ModelFn, PyTree, PyTree], tuple[PyTree, Callable[..., jax.Array]]]
 
 __all__ = [
     "GramStrategy",
+    "GramFactors",
+    "FACTORS",
+    "gram_factors",
     "STRATEGIES",
     "register_strategy",
     "resolve_strategy",
@@ -52,15 +57,32 @@ STRATEGIES: dict[str, GramStrategy] = {
     "structured": structured_gram,
 }
 
+#: strategies that can build the Gram of a batch block by block from per-example factors
+FACTORS: dict[str, GramFactors] = {
+    "jacobian": jacobian_factors,
+    "structured": structured_factors,
+}
+
 # A materialized Jacobian above this many bytes makes "auto" avoid the jacobian strategy.
 _JACOBIAN_BYTES_LIMIT = 1 << 30
 
 
-def register_strategy(name: str, strategy: GramStrategy) -> None:
-    """Make ``strategy`` available as ``gram=name`` in every method and in :func:`gram`."""
+def register_strategy(
+    name: str, strategy: GramStrategy, factors: GramFactors | None = None
+) -> None:
+    """Make ``strategy`` available as ``gram=name`` in every method and in :func:`gram`.
+
+    ``factors`` (optional) is its two-stage form for :func:`gram_factors`; without it, blocks of
+    the Gram call ``strategy`` on pairs of example slices.
+    """
     if not callable(strategy):
         raise TypeError(f"register_strategy: strategy for {name!r} must be callable.")
+    if factors is not None and not callable(factors):
+        raise TypeError(f"register_strategy: factors for {name!r} must be callable or None.")
     STRATEGIES[name] = strategy
+    FACTORS.pop(name, None)
+    if factors is not None:
+        FACTORS[name] = factors
 
 
 def as_2d(model_fn: ModelFn) -> ModelFn:
@@ -111,6 +133,41 @@ def gram(
     k = jax.eval_shape(model_fn, params, x1).shape[1]
     name = resolve_strategy(strategy, model_fn, params, x1, k)
     return STRATEGIES[name](model_fn, params, x1, x2)
+
+
+def gram_factors(
+    model_fn: ModelFn, params: PyTree, x: PyTree, *, strategy: str = "auto"
+) -> tuple[PyTree, Callable[..., jax.Array]]:
+    """The Gram of ``x`` in two stages: ``(F, block)``.
+
+    Every leaf of ``F`` has the leading example axis of ``x``. For index sets ``I``, ``J`` (``F``
+    sliced along that axis, e.g. ``tree_map(lambda a: a[I], F)``), ``block(F_I, F_J)`` is
+    ``K[I, :, J, :]`` and ``block(F_I)`` is ``K[I, :, I, :]``. Strategies with a factor form
+    (:data:`FACTORS`: the per-example passes run once for the whole batch) use it; any other
+    strategy gets ``F = x`` and ``block`` calls it on the slices.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from gaussnewton.gram import gram, gram_factors
+        >>> fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]
+        >>> p = {"w": jnp.ones((3, 4)) / 3, "v": jnp.ones((4, 2)) / 4}
+        >>> x = jnp.arange(15.0).reshape(5, 3) / 15
+        >>> F, block = gram_factors(fn, p, x)
+        >>> top = jax.tree_util.tree_map(lambda a: a[:2], F)
+        >>> rest = jax.tree_util.tree_map(lambda a: a[2:], F)
+        >>> bool(jnp.allclose(block(rest, top), gram(fn, p, x)[2:, :, :2], atol=1e-6))
+        True
+    """
+    k = jax.eval_shape(model_fn, params, x).shape[1]
+    name = resolve_strategy(strategy, model_fn, params, x, k)
+    if name in FACTORS:
+        return FACTORS[name](model_fn, params, x)
+    fn = STRATEGIES[name]
+
+    def block(x1: PyTree, x2: PyTree | None = None) -> jax.Array:
+        return fn(model_fn, params, x1, x2)
+
+    return x, block
 
 
 def empirical_ntk(

@@ -27,18 +27,24 @@ def _flat(jac, n: int, k: int):
     return [leaf.reshape(n, k, -1).astype(dtype) for leaf in leaves]
 
 
-def jacobian_gram(model_fn, params, x1, x2=None):
-    n1 = jax.tree_util.tree_leaves(x1)[0].shape[0]
-    j1 = per_example_jacobian(model_fn, params, x1)
-    k = jax.tree_util.tree_leaves(j1)[0].shape[1]
-    a = _flat(j1, n1, k)
-    if x2 is None:
-        b = a
-        n2 = n1
-    else:
-        n2 = jax.tree_util.tree_leaves(x2)[0].shape[0]
-        b = _flat(per_example_jacobian(model_fn, params, x2), n2, k)
-    out = jnp.zeros((n1, k, n2, k), a[0].dtype if a else jnp.float32)
+def jacobian_factors(model_fn, params, x):
+    """``(F, block)``: the flattened per-example Jacobians of ``x`` and ``block(F1, F2=None)``, the
+    Gram block ``J1 J2ᵀ`` of two slices of them (see :func:`gaussnewton.gram.gram_factors`)."""
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    jac = per_example_jacobian(model_fn, params, x)
+    k = jax.tree_util.tree_leaves(jac)[0].shape[1]
+    return _flat(jac, n, k), _jacobian_block
+
+
+def _jacobian_block(a, b=None):
+    b = a if b is None else b
+    n1, k, n2 = a[0].shape[0], a[0].shape[1], b[0].shape[0]
+    out = jnp.zeros((n1, k, n2, k), a[0].dtype)
     for u, v in zip(a, b, strict=True):
         out = out + jnp.einsum("iad,jbd->iajb", u, v)
     return out
+
+
+def jacobian_gram(model_fn, params, x1, x2=None):
+    a, block = jacobian_factors(model_fn, params, x1)
+    return block(a, None if x2 is None else jacobian_factors(model_fn, params, x2)[0])

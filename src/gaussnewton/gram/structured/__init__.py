@@ -23,6 +23,7 @@ See METHODS.md section 3.3. The per-example trace means examples must not intera
 
 Public:
   structured_gram(model_fn, params, x1, x2=None) -> K (n1, k, n2, k)
+  structured_factors(model_fn, params, x) -> (F, block)   (blocks of one Gram, passes run once)
   explain(model_fn, params, x1, x2=None) -> {leaf name: LeafPlan}   (introspection)
 
 Example:
@@ -41,10 +42,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._assemble import make_plan, structured_gram
+from ._assemble import make_plan, structured_factors, structured_gram
 from ._cost import LeafPlan
 
-__all__ = ["LeafPlan", "explain", "structured_gram"]
+__all__ = ["LeafPlan", "explain", "structured_factors", "structured_gram"]
 
 
 def explain(

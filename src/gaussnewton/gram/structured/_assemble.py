@@ -218,19 +218,47 @@ def structured_gram(
     least float32.
     """
     traced, plans = make_plan(model_fn, params, x1, x2, dense_method)
-    leaves = jax.tree_util.tree_leaves(params)
-    one = _per_example(traced, leaves, plans)
-    x1_leaves = jax.tree_util.tree_leaves(x1)
-    A1, G1, V1 = jax.vmap(one)(x1_leaves)
-    if x2 is None:
-        A2, G2, V2 = A1, G1, V1
-    else:
-        A2, G2, V2 = jax.vmap(one)(jax.tree_util.tree_leaves(x2))
-    n1, k = V1.shape[0], traced.num_outputs
-    n2 = V2.shape[0]
-    dtype = jnp.promote_types(traced.jaxpr.jaxpr.outvars[0].aval.dtype, jnp.float32)
+    f1 = _factors(traced, plans, params, x1)
+    f2 = f1 if x2 is None else _factors(traced, plans, params, x2)
+    return _block(f1, f2, traced.num_outputs, _gram_dtype(traced))
+
+
+def structured_factors(
+    model_fn: Callable, params: Any, x: Any, *, dense_method: str = "auto"
+) -> tuple[Any, Callable]:
+    """The per-example factors of :func:`structured_gram` on ``x``, and the block map.
+
+    Returns ``(F, block)``: every leaf of ``F`` has the leading example axis of ``x``, and
+    ``block(F[I], F[J])`` (``F`` sliced to example sets ``I``, ``J``; ``block(F[I])`` for ``J = I``)
+    is ``K[I, :, J, :]`` of the Gram on ``x``, so blocks of one Gram never recompute the passes.
+    The per-leaf rules are chosen once, for the whole ``x``.
+    """
+    traced, plans = make_plan(model_fn, params, x, None, dense_method)
+    factors = _factors(traced, plans, params, x)
+    k, dtype = traced.num_outputs, _gram_dtype(traced)
+
+    def block(f1: Any, f2: Any = None) -> jax.Array:
+        return _block(f1, f1 if f2 is None else f2, k, dtype)
+
+    return factors, block
+
+
+def _gram_dtype(traced: Traced):
+    return jnp.promote_types(traced.jaxpr.jaxpr.outvars[0].aval.dtype, jnp.float32)
+
+
+def _factors(traced: Traced, plans: list[LeafPlan], params: Any, x: Any):
+    """``(A per factored leaf, G per factored leaf, V)``, each with a leading example axis."""
+    one = _per_example(traced, jax.tree_util.tree_leaves(params), plans)
+    return jax.vmap(one)(jax.tree_util.tree_leaves(x))
+
+
+def _block(f1, f2, k: int, dtype) -> jax.Array:
+    """``K`` of shape ``(n1, k, n2, k)`` from the factors of two example sets (products in >= f32)."""
+    (A1, G1, V1), (A2, G2, V2) = f1, f2
+    n1, n2 = V1.shape[0], V2.shape[0]
     K = jnp.zeros((n1, k, n2, k), dtype)
-    for a1, g1, a2, g2 in zip(A1, G1, A2, G2, strict=True):  # products in >= float32
+    for a1, g1, a2, g2 in zip(A1, G1, A2, G2, strict=True):
         if a1.ndim == 2:  # embedding: row ids (n, T)
             K = K + _embed_block(a1, g1.astype(dtype), a2, g2.astype(dtype))
         else:
@@ -239,5 +267,5 @@ def structured_gram(
     if V1.shape[-1]:
         V1, V2 = V1.astype(dtype), V2.astype(dtype)
         V = jnp.matmul(V1.reshape(n1 * k, -1), V2.reshape(n2 * k, -1).T, precision=_HI)
-        K = K + V.reshape(n1, k, n2, k).astype(dtype)
+        K = K + V.reshape(n1, k, n2, k)
     return K
