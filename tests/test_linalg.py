@@ -76,3 +76,4 @@ def test_tiled_solve_matches_dense(sizes, r):
 def test_num_tiles():
     assert [num_tiles(n) for n in (1, 128, 431, 433, 512, 1152)] == [1, 1, 1, 2, 2, 4]
     assert num_tiles(10, tile_rows=3) == 3
+    assert num_tiles(10**6) == num_tiles(100, tile_rows=1) == 8  # capped: compile time

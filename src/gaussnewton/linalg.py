@@ -14,6 +14,8 @@ _HI = jax.lax.Precision.HIGHEST
 
 #: target rows of one tile in :func:`solve_tiled_spd` (see :func:`num_tiles`)
 TILE_ROWS = 288
+#: at most this many tiles: the task graph has ~nt³/6 tile updates, and compile time grows with it
+MAX_TILES = 8
 
 
 def padded_size(n: int) -> int:
@@ -42,8 +44,9 @@ def solve_damped_spd(a: jax.Array, shift: jax.Array, rhs: jax.Array) -> jax.Arra
     Only one triangle of ``A`` is read (LAPACK ``potrf``), so rounding that makes the assembled
     ``A`` slightly non-symmetric cannot break the factorization. The factorization runs on the
     block-diagonal ``diag(A + shift I, I)`` of order :func:`padded_size` (``n`` when no padding is
-    needed), whose solution restricted to the first ``n`` entries is exactly ``x``. ``rhs`` may be ``(n,)`` or ``(n, r)``. A non-PSD or singular
-    system gives non-finite values, which the optimizers detect and reject.
+    needed), whose solution restricted to the first ``n`` entries is exactly ``x``. ``rhs`` may be
+    ``(n,)`` or ``(n, r)``. A non-PSD or singular system gives non-finite values, which the
+    optimizers detect and reject.
     """
     n = a.shape[0]
     pad = padded_size(n) - n
@@ -64,17 +67,19 @@ def _padded_cholesky(a: jax.Array, shift: jax.Array) -> jax.Array:
 
 
 def num_tiles(n: int, tile_rows: int | None = None) -> int:
-    """Tiles for an order-``n`` system: ``round(n / tile_rows)``, at least 1 (1 below ~1.5 tiles).
+    """Tiles for an order-``n`` system: ``round(n / tile_rows)`` clipped to ``[1, MAX_TILES]``.
 
-    ``tile_rows`` defaults to :data:`TILE_ROWS` (read at call time).
+    One tile (a single padded Cholesky) below about 1.5 tiles' rows; larger systems get bigger
+    tiles rather than more than :data:`MAX_TILES`. ``tile_rows`` defaults to :data:`TILE_ROWS`
+    (read at call time).
 
     Example:
         >>> from gaussnewton.linalg import num_tiles
-        >>> num_tiles(128), num_tiles(512), num_tiles(1152)
-        (1, 2, 4)
+        >>> num_tiles(128), num_tiles(512), num_tiles(1152), num_tiles(12800)
+        (1, 2, 4, 8)
     """
     rows = TILE_ROWS if tile_rows is None else tile_rows
-    return max(1, round(n / rows))
+    return min(MAX_TILES, max(1, round(n / rows)))
 
 
 def solve_tiled_spd(
@@ -96,7 +101,8 @@ def solve_tiled_spd(
     form a task graph: XLA runs independent tiles (and the Gram tiles feeding them) on different
     cores while a single-threaded LAPACK ``potrf`` works on another, and the upper tiles of a
     symmetric Gram are never computed. On the 2-core CPU here the 1152-row exact-CE system of
-    ``benchmarks/bench_gram.py``, Gram included, went from 10.2 to 7.0 ms with 4 tiles.
+    ``benchmarks/bench_gram.py`` (Gram and solve, timed alone) went from 10.2 to 7.0 ms with 4
+    tiles.
     ``rhs`` is ``(n,)`` or ``(n, r)``; one tile is :func:`solve_damped_spd`.
     """
     nt = len(sizes)
