@@ -161,6 +161,12 @@ def test_tiled_row_space_solve_matches_dense_reference(monkeypatch, loss, c, gra
     def tiled(params, x, y, lam):
         return gn.egn_direction(mlp, params, x, y, loss=loss, damping=lam, gram=gram)[0]
 
+    to32 = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, t
+    )
     for lam in (1e-3, 1.0):
         ref, _ = dense_lm_direction(mlp, params, x, y, loss, lam)
         assert rel_err(flat(tiled(params, x, y, lam)), ref) < 1e-8, (loss, lam)
+        # float32 through the tiles: the same 2e-3 as the single-Cholesky float32 test
+        d32 = tiled(to32(params), to32(x), to32(y), jnp.float32(lam))
+        assert rel_err(flat(d32), ref) < 2e-3, (loss, lam)
