@@ -87,3 +87,47 @@ def test_auto_avoids_huge_jacobian(monkeypatch, problem):
     finally:
         if saved is not None:
             gram_mod.STRATEGIES["structured"] = saved
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured", "matvec"])
+def test_gram_factors_blocks_equal_gram(problem, strategy):
+    """Blocks from one set of factors equal the slices of the Gram (1e-10, float64): a factor form
+    for jacobian / structured, the generic fallback (calls on the example slices) for matvec."""
+    params, x1, _ = problem
+
+    @jax.jit
+    def blocks(p, x):
+        F, block = gram_mod.gram_factors(mlp, p, x, strategy=strategy)
+        top, rest = (
+            jax.tree_util.tree_map(lambda a, s=s: a[s], F) for s in (slice(0, 2), slice(2, 5))
+        )
+        return block(top), block(rest, top), gram_mod.gram(mlp, p, x, strategy=strategy)
+
+    k_top, k_cross, k = blocks(params, x1)
+    assert (strategy in gram_mod.FACTORS) == (strategy != "matvec")
+    assert rel_err(k_top, k[:2, :, :2]) < 1e-10
+    assert rel_err(k_cross, k[2:, :, :2]) < 1e-10
+
+
+def test_register_strategy_with_factors(problem):
+    """A registered factor form is what gram_factors uses; re-registering without one drops it."""
+    params, x1, _ = problem
+    used = []
+
+    def factors(model_fn, p, x):
+        used.append(1)
+        return gram_mod.FACTORS["jacobian"](model_fn, p, x)
+
+    gn.register_strategy("spyf", gram_mod.STRATEGIES["jacobian"], factors=factors)
+    try:
+        F, block = gram_mod.gram_factors(mlp, params, x1, strategy="spyf")
+        assert (
+            used and rel_err(block(F), gram_mod.gram(mlp, params, x1, strategy="jacobian")) < 1e-12
+        )
+        gn.register_strategy("spyf", gram_mod.STRATEGIES["jacobian"])
+        assert "spyf" not in gram_mod.FACTORS
+        with pytest.raises(TypeError, match="factors for 'spyf' must be callable"):
+            gn.register_strategy("spyf", gram_mod.STRATEGIES["jacobian"], factors=3)
+    finally:
+        gram_mod.STRATEGIES.pop("spyf", None)
+        gram_mod.FACTORS.pop("spyf", None)
