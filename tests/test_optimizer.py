@@ -24,7 +24,9 @@ def test_plain_step_is_params_plus_lr_direction(regression_problem):
     np.testing.assert_allclose(flat(new), flat(expected), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(info.loss, dinfo.loss, rtol=1e-6)
     assert int(state.count) == 1 and not bool(info.rejected)
-    assert np.isnan(float(info.loss_after))  # not computed without line search / adaptive damping
+    # evaluated even without line search / adaptive damping: the step guard needs L(w + αd)
+    f_new = model_fn(new, x)
+    np.testing.assert_allclose(info.loss_after, 0.5 * np.mean((f_new - y) ** 2), rtol=1e-5)
 
 
 def test_momentum_matches_bias_corrected_formula(regression_problem):
@@ -237,3 +239,22 @@ def test_egn_defaults_beat_tuned_adam_in_steps(regression_problem):
     for _ in range(60):
         p, state, info = step(p, state, x, y)
     assert float(loss_fn(p)) <= best_adam, (float(loss_fn(p)), best_adam)
+
+
+def test_tx_follows_optax_sign_convention(regression_problem):
+    """``tx`` receives ``−d`` (gradient-like) and its output is subtracted, as in optax: weight decay
+    ``add_decayed_weights(wd)`` pulls the weights towards 0 (the update is ``α (d − wd·w)``)."""
+    model_fn, params, x, y = regression_problem
+    wd, lr = 0.3, 0.5
+    plain = gn.egn(model_fn, loss="squared_error", learning_rate=lr, damping=1e-2, **PLAIN)
+    decayed = gn.egn(
+        model_fn,
+        loss="squared_error",
+        learning_rate=lr,
+        damping=1e-2,
+        **{**PLAIN, "tx": optax.add_decayed_weights(wd)},
+    )
+    p1, _, _ = plain.step(params, plain.init(params), x, y)
+    p2, _, _ = decayed.step(params, decayed.init(params), x, y)
+    expected = flat(p1) - lr * wd * flat(params)
+    np.testing.assert_allclose(flat(p2), expected, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ from gaussnewton.gram import empirical_ntk, register_strategy
 from gaussnewton.gram.structured import explain as explain_gram
 from gaussnewton.gram_gauss_newton import gram_gauss_newton
 from gaussnewton.ignd import ignd
+from gaussnewton.linearization import BatchLinearization, linearize
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import (
     ConvexLoss,
@@ -23,6 +24,7 @@ from gaussnewton.losses import (
     SquaredError,
     get_loss,
 )
+from gaussnewton.model import Model
 from gaussnewton.optax_bridge import as_optax
 from gaussnewton.optimizer import GaussNewtonOptimizer, GaussNewtonState, StepInfo
 from gaussnewton.sgn import sgn
@@ -33,11 +35,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveDamping",
     "Armijo",
+    "BatchLinearization",
     "ConvexLoss",
     "DirectionInfo",
     "GaussNewtonOptimizer",
     "GaussNewtonState",
     "Loss",
+    "Model",
     "SigmoidBinaryCrossEntropy",
     "SoftmaxCrossEntropy",
     "SquaredError",
@@ -54,6 +58,7 @@ __all__ = [
     "get_loss",
     "gram_gauss_newton",
     "ignd",
+    "linearize",
     "register_strategy",
     "sgn",
     "sqn",

@@ -140,7 +140,7 @@ def row_space_cg(
 
     Args:
         jvp_fn: ``v -> J v`` (``(b, c)``), from ``jax.linearize`` of the batch outputs.
-        vjp_fn: ``u -> Jᵀ u`` (parameter pytree), the transpose of ``jvp_fn``.
+        vjp_fn: ``u -> Jᵀ u`` (a parameter pytree, not a tuple), the transpose of ``jvp_fn``.
         g: output gradients ``(b, c)``.
         factor: ``S`` (``(b, c, r)``) or ``None`` for ``Q = I``.
         lam: damping ``λ`` (``> 0``; ``λ = 0`` allowed for ``Q = I`` on a full-rank ``K``).
@@ -154,10 +154,10 @@ def row_space_cg(
     b = g.shape[0]
     dt = jnp.result_type(jnp.float32, g.dtype)
     blam = (b * jnp.asarray(lam, dt)).astype(g.dtype)
-    (grad,) = vjp_fn(g / b)
+    grad = vjp_fn(g / b)
 
     def k_mv(u):  # u (b, c) -> K u
-        (t,) = vjp_fn(u)
+        t = vjp_fn(u)
         return jvp_fn(t)
 
     if factor is None:
@@ -187,8 +187,8 @@ def row_space_cg(
         x0 = _scaled_start(matvec, rhs, u0)
     res = cg_solve(matvec, rhs, x0, max_iters=n if max_iters is None else max_iters, tol=tol)
     if factor is None:
-        (direction,) = vjp_fn(-res.x)
+        direction = vjp_fn(-res.x)
     else:
         cot = (g / b - jnp.einsum("bcr,br->bc", s, res.x)) / jnp.asarray(lam, g.dtype)
-        (direction,) = vjp_fn(-cot)
+        direction = vjp_fn(-cot)
     return grad, direction, res

@@ -39,6 +39,7 @@ from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
 from gaussnewton.cg import row_space_cg
 from gaussnewton.gram import as_2d, gram_factors
 from gaussnewton.linalg import num_tiles, solve_tiled_spd
+from gaussnewton.linearization import linearize
 from gaussnewton.losses import Loss, LossLike, get_loss
 
 PyTree = Any
@@ -69,6 +70,7 @@ class _Linearization(NamedTuple):
     identity: bool  # Q = I (S not materialized)
     cg_iters: jax.Array | int = 0  # solver="cg" only
     cg_residual: jax.Array | float = 0.0  # solver="cg" only: row-space residual max-norm
+    labels_ok: jax.Array | bool = True  # the labels passed the loss's checks (traced)
 
 
 def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
@@ -129,38 +131,47 @@ def linearize_and_solve(
     (:func:`gaussnewton.cg.row_space_cg`; ``warm_start`` is a previous direction or ``None``).
     """
     fn = as_2d(model_fn)
+    identity = loss.identity_curvature and curvature == "exact"
     if solver == "cg":
-        f, jvp_fn = jax.linearize(lambda p: fn(p, x), params)
-        vjp_fn = jax.linear_transpose(jvp_fn, params)
-        y = loss.prepare_labels(f, y)
-        value = jnp.mean(loss.value(f, y))
-        g = loss.grad(f, y)
-        identity = loss.identity_curvature and curvature == "exact"
-        s = None if identity else _curvature_factor(loss, f, y, curvature, num_samples, key)
+        lin = linearize(fn, loss, params, x, y, mode="linearize")
+        f = lin.outputs
+        s = (
+            None
+            if identity
+            else _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)
+        )
         grad, direction, res = row_space_cg(
-            jvp_fn, vjp_fn, g, s, damping, warm_start=warm_start, max_iters=max_cg_iters, tol=cg_tol
+            lin.jvp,
+            lin.vjp,
+            lin.g,
+            s,
+            damping,
+            warm_start=warm_start,
+            max_iters=max_cg_iters,
+            tol=cg_tol,
         )
         s = jnp.zeros((f.shape[0], f.shape[1], 0), f.dtype) if identity else s
-        return _Linearization(value, grad, direction, s, identity, res.iters, res.residual_max)
-    f, vjp_fn = jax.vjp(lambda p: fn(p, x), params)
-    y = loss.prepare_labels(f, y)
+        return _Linearization(
+            lin.loss, grad, direction, s, identity, res.iters, res.residual_max, lin.labels_ok
+        )
+    lin = linearize(fn, loss, params, x, y)
+    f, g = lin.outputs, lin.g
     b = f.shape[0]
-    value = jnp.mean(loss.value(f, y))
-    g = loss.grad(f, y)
     dt = compute_dtype(f.dtype)
     lam = jnp.asarray(damping, dt)
     blam = b * lam
 
-    if loss.identity_curvature and curvature == "exact":
+    if identity:
         u = _gram_solve(fn, params, x, gram_strategy, blam, g.astype(dt))
         cot = jnp.stack([g / b, -u.astype(f.dtype)])
-        both = jax.vmap(lambda c: vjp_fn(c)[0])(cot)
+        both = jax.vmap(lin.vjp)(cot)
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
         direction = jax.tree_util.tree_map(lambda a: a[1], both)
-        return _Linearization(value, grad, direction, jnp.zeros((b, g.shape[1], 0), f.dtype), True)
+        empty = jnp.zeros((b, g.shape[1], 0), f.dtype)
+        return _Linearization(lin.loss, grad, direction, empty, True, labels_ok=lin.labels_ok)
 
-    s = _curvature_factor(loss, f, y, curvature, num_samples, key)  # (b, c, r)
-    (grad,) = vjp_fn((g / b).astype(f.dtype))
+    s = _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)  # (b, c, r)
+    grad = lin.grad()
     _, jgrad = jax.jvp(lambda p: fn(p, x), (params,), (grad,))  # J ∇L, (b, c)
     w = jnp.einsum("bcr,bc->br", s.astype(dt), jgrad.astype(dt))  # Sᵀ J ∇L
 
@@ -170,8 +181,8 @@ def linearize_and_solve(
 
     v = _gram_solve(projected, params, (x, jax.lax.stop_gradient(s)), gram_strategy, blam, w)
     cot = (g.astype(dt) / b - jnp.einsum("bcr,br->bc", s.astype(dt), v)) / lam
-    (direction,) = vjp_fn(-cot.astype(f.dtype))
-    return _Linearization(value, grad, direction, s, False)
+    direction = lin.vjp(-cot.astype(f.dtype))
+    return _Linearization(lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok)
 
 
 def egn_direction(

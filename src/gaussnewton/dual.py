@@ -74,6 +74,7 @@ from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.gram import as_2d
 from gaussnewton.gram import gram as compute_gram
 from gaussnewton.linalg import solve_damped_spd
+from gaussnewton.linearization import linearize
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import (
     Loss,
@@ -233,11 +234,10 @@ def dual_solve(loss: Loss, f, y, k, lam, max_inner_iters: int) -> DualSolve:
 
 
 def _solve_batch(fn, loss, params, x, y, lam, gram, max_inner_iters):
-    f, vjp_fn = jax.vjp(lambda p: fn(p, x), params)
-    y = loss.prepare_labels(f, y)
-    k = compute_gram(fn, params, x, strategy=gram)
-    res = dual_solve(loss, f, y, k, lam, max_inner_iters)
-    return f, y, vjp_fn, res
+    lin = linearize(fn, loss, params, x, y)
+    k = compute_gram(as_2d(fn), params, x, strategy=gram)
+    res = dual_solve(loss, lin.outputs, lin.labels, k, lam, max_inner_iters)
+    return lin, res
 
 
 def dual_gn(
@@ -272,18 +272,17 @@ def dual_gn(
     )
     _kind(loss_obj)
     check_int("max_inner_iters", max_inner_iters, 0)
-    fn = as_2d(model_fn)
 
-    def direction_fn(params, x, y, lam, key, method_state):
+    def direction_fn(model, params, x, y, lam, key, method_state):
         del key
-        f, y, vjp_fn, res = _solve_batch(fn, loss_obj, params, x, y, lam, gram, max_inner_iters)
+        fn = as_2d(model)
+        lin, res = _solve_batch(fn, loss_obj, params, x, y, lam, gram, max_inner_iters)
+        f, y, g, value = lin.outputs, lin.labels, lin.g, lin.loss
         b = f.shape[0]
-        g = loss_obj.grad(f, y)
         cot = jnp.stack([g / b, (-res.alpha / (b * lam.astype(res.alpha.dtype))).astype(f.dtype)])
-        both = jax.vmap(lambda c: vjp_fn(c)[0])(cot)
+        both = jax.vmap(lin.vjp)(cot)
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
         direction = jax.tree_util.tree_map(lambda a: a[1], both)
-        value = jnp.mean(loss_obj.value(f, y))
         slope_fn = lambda delta: tree_vdot(grad, delta)  # noqa: E731
 
         def quad(delta):  # prox-linear model: L_lin(Δ) − L − ∇LᵀΔ (= ½ΔᵀHΔ for squared error)
@@ -291,7 +290,16 @@ def dual_gn(
             lin_loss = jnp.mean(loss_obj.value(f + jd, y))
             return lin_loss - value - slope_fn(delta).astype(lin_loss.dtype)
 
-        return Linearization(value, grad, direction, quad, res.iters, res.residual, method_state)
+        return Linearization(
+            value,
+            grad,
+            direction,
+            quad,
+            res.iters,
+            res.residual,
+            method_state,
+            labels_ok=lin.labels_ok,
+        )
 
     return assemble(
         "dual_gn",
@@ -340,8 +348,8 @@ def dual_gn_transform(
                 "dual_gn_transform needs params and the batch: call "
                 "tx.update(grads, state, params, x=x, y=y)."
             )
-        f, _, vjp_fn, res = _solve_batch(fn, loss_obj, params, x, y, damping, gram, max_inner_iters)
-        (out,) = vjp_fn((res.alpha / f.shape[0]).astype(f.dtype))
+        lin, res = _solve_batch(fn, loss_obj, params, x, y, damping, gram, max_inner_iters)
+        out = lin.vjp((res.alpha / lin.batch_size).astype(lin.outputs.dtype))
         out = jax.tree_util.tree_map(lambda o, u: o.astype(u.dtype), out, updates)
         return out, state
 

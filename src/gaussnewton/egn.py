@@ -46,12 +46,16 @@ def egn(
 
     Each step computes ``d = −(H + λI)⁻¹ ∇L`` exactly in the row space
     (:func:`gaussnewton.egn_direction`), optionally averages it (bias-corrected momentum ``β``), passes
-    it through ``tx`` (an optax transform that receives the DESCENT direction: e.g.
-    ``optax.clip_by_global_norm``; use ``optax.add_decayed_weights(-wd)`` for weight decay), picks a
-    step size (``learning_rate``, or Armijo backtracking capped at it) and adapts λ.
+    it through ``tx`` (an optax transform in optax's sign convention: it receives ``−d``, a
+    gradient-like update, and its output is subtracted — e.g. ``optax.clip_by_global_norm(1.0)``,
+    ``optax.add_decayed_weights(1e-4)`` for weight decay), picks a step size (``learning_rate``, or
+    Armijo backtracking capped at it) and adapts λ.
 
     Args:
-        model_fn: ``model_fn(params, x) -> (b, c)`` or ``(b,)`` outputs.
+        model_fn: ``model_fn(params, x) -> (b, c)`` or ``(b,)`` outputs, or a
+            :class:`~gaussnewton.Model` (model state such as batch-norm statistics, a per-step key
+            for dropout). Models whose examples interact in the batch (batch statistics, one
+            dropout mask per batch) are detected and get exact whole-batch curvature.
         loss: ``"squared_error"``, ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or
             a :class:`~gaussnewton.losses.Loss` (e.g. :class:`~gaussnewton.ConvexLoss`).
         learning_rate: step size ``α`` (or ``α_max`` with a line search); number or schedule.
@@ -62,7 +66,8 @@ def egn(
             With ``damping_policy="constant"``, ``line_search=None``, ``momentum=0`` and ``tx=None``
             one step is exactly ``params + learning_rate * egn_direction(...)``.
         momentum: ``β ∈ [0, 1)`` of the bias-corrected direction average.
-        tx: optional optax transform applied to the (averaged) direction.
+        tx: optional optax transform applied to the (averaged) direction, optax's sign convention
+            (see above).
         gram: Gram strategy (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"`` when available).
         curvature: ``"exact"`` or ``"sampled"`` (``num_samples`` Monte-Carlo columns per example).
         solver: ``"cholesky"`` (formed Gram, default) or ``"cg"``: row-space CG with matrix-free
@@ -99,10 +104,10 @@ def egn(
         check_int("max_cg_iters", max_cg_iters)
     v.check_number("cg_tol", cg_tol, strict=False, hint="e.g. cg_tol=1e-6.")
     warm = solver == "cg" and bool(cg_warm_start)
-    fn = as_2d(model_fn)
 
-    def direction_fn(params, x, y, lam, key, method_state):
+    def direction_fn(model, params, x, y, lam, key, method_state):
         # batch → outputs, loss, g, S → Gram (or K v) → row-space solve → one VJP back
+        fn = as_2d(model)
         lin = linearize_and_solve(
             fn,
             params,
@@ -122,7 +127,14 @@ def egn(
         quad = quad_from_factor(fn, params, x, lin.factor, lin.identity)
         nxt = lin.direction if warm else ()
         return Linearization(
-            lin.loss, lin.grad, lin.direction, quad, lin.cg_iters, lin.cg_residual, nxt
+            lin.loss,
+            lin.grad,
+            lin.direction,
+            quad,
+            lin.cg_iters,
+            lin.cg_residual,
+            nxt,
+            labels_ok=lin.labels_ok,
         )
 
     return assemble(

@@ -76,8 +76,8 @@ def gram_gauss_newton(
     )
     egn_direction_fn = base.direction_fn
 
-    def direction_fn(params, x, y, lam, key, method_state):
+    def direction_fn(fn, params, x, y, lam, key, method_state):
         b = jax.tree_util.tree_leaves(x)[0].shape[0]
-        return egn_direction_fn(params, x, y, lam / b, key, method_state)
+        return egn_direction_fn(fn, params, x, y, lam / b, key, method_state)
 
     return dataclasses.replace(base, direction_fn=direction_fn, name="gram_gauss_newton")

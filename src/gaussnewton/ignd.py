@@ -14,7 +14,8 @@ DIAGONAL. Mini-batch IGND averages the per-example directions:
 so with ``b = 1`` it IS the EGN direction. ``K_ii`` comes from per-example gradient norms (``vmap``
 of ``grad``), never from the full ``K``. When ``q_i K_ii + λ = 0`` (then ``g_i j_i = 0`` too, or
 ``λ = 0`` with a flat loss) that example contributes nothing (``ξ_i := 0``). Adam-style moments:
-pass ``tx=optax.scale_by_adam()`` (it receives the descent direction).
+pass ``tx=optax.scale_by_adam()`` (optax's convention: it receives ``−d``, a gradient-like
+update, and its output is subtracted).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -38,6 +39,7 @@ from gaussnewton._family import assemble, check_common
 from gaussnewton._tree import compute_dtype, tree_vdot
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.gram import as_2d
+from gaussnewton.linearization import linearize
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import LossLike
 from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization, quad_from_factor
@@ -87,30 +89,30 @@ def ignd(
     loss_obj = check_common(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=False
     )
-    fn = as_2d(model_fn)
 
-    def direction_fn(params, x, y, lam, key, method_state):
+    def direction_fn(model, params, x, y, lam, key, method_state):
         del key
-        f, vjp_fn = jax.vjp(lambda p: fn(p, x), params)
+        fn = as_2d(model)
+        lin = linearize(fn, loss_obj, params, x, y)
+        f, y, g = lin.outputs, lin.labels, lin.g
         if f.shape[1] != 1:
             raise ValueError(
                 f"ignd needs a scalar-output model (outputs (b,) or (b, 1)), but model_fn returns "
                 f"shape {tuple(f.shape)}; use gn.egn for {f.shape[1]} outputs."
             )
-        y = loss_obj.prepare_labels(f, y)
         b = f.shape[0]
         dt = compute_dtype(f.dtype)
-        value = jnp.mean(loss_obj.value(f, y))
-        g = loss_obj.grad(f, y)  # (b, 1)
         q = loss_obj.hessian(f, y)[:, 0, 0].astype(dt)
         den = q * gram_diagonal(fn, params, x).astype(dt) + lam.astype(dt)
         xi = jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)
         cot = jnp.stack([g / b, (-(xi[:, None] * g.astype(dt)) / b).astype(f.dtype)])
-        both = jax.vmap(lambda c: vjp_fn(c)[0])(cot)
+        both = jax.vmap(lin.vjp)(cot)
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
         direction = jax.tree_util.tree_map(lambda a: a[1], both)
         quad = quad_from_factor(fn, params, x, loss_obj.factor(f, y), loss_obj.identity_curvature)
-        return Linearization(value, grad, direction, quad, 0, 0.0, method_state)
+        return Linearization(
+            lin.loss, grad, direction, quad, 0, 0.0, method_state, labels_ok=lin.labels_ok
+        )
 
     return assemble(
         "ignd",

@@ -1,12 +1,15 @@
 r"""The ``init`` / ``step`` optimizers (EGN and the shared machinery of the family).
 
-One step reads top to bottom (ARCHITECTURE.md):
+One step reads top to bottom (docs/ARCHITECTURE.md):
 
-    batch (x, y) → outputs, loss, g, S → Gram → row-space solve → one VJP back   (direction_fn)
+    batch (x, y[, key, model state]) → the model bound to this step's state and key (one function)
+      → outputs, loss, g, S → Gram → row-space solve → one VJP back             (direction_fn)
       → momentum / optax chain on d → step size (fixed | Armijo) → damping (ρ) → update, info
 
-A non-finite loss, gradient, direction or update leaves ``params`` and the state unchanged (λ may
-grow under adaptive damping) and sets ``info.rejected`` (METHODS §6).
+A step is rejected — ``params``, the optimizer state and the model state unchanged (λ grows under
+adaptive damping), ``info.rejected`` set — when the loss, gradient, direction or update is not
+finite, when the loss at the new point is not finite (no finite trial point: never a step into a
+NaN region), or when the labels are invalid (METHODS §6).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gaussnewton.damping import AdaptiveDamping, _Fixed, gain_ratio
 from gaussnewton.gram import as_2d
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import Loss
+from gaussnewton.model import Model, as_model
 
 PyTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
@@ -73,7 +77,11 @@ def empty_info(dtype: Any = jnp.float32) -> StepInfo:
 
 
 class GaussNewtonState(NamedTuple):
-    """Optimizer state (a pytree). ``count`` counts accepted steps."""
+    """Optimizer state (a pytree). ``count`` counts accepted steps.
+
+    ``model_state`` is the state of a :class:`~gaussnewton.Model` with ``has_state=True`` (e.g. batch
+    norm running statistics), updated by every accepted step; ``None`` for stateless models.
+    """
 
     count: jax.Array
     damping: jax.Array
@@ -82,6 +90,7 @@ class GaussNewtonState(NamedTuple):
     tx_state: PyTree
     key: jax.Array
     method_state: PyTree = ()
+    model_state: PyTree = None
 
 
 class Linearization(NamedTuple):
@@ -102,10 +111,14 @@ class Linearization(NamedTuple):
     cg_residual: jax.Array | float = 0.0
     method_state: PyTree = ()
     after_step: Callable[[PyTree], PyTree] | None = None
+    labels_ok: jax.Array | bool = True
 
 
-# direction_fn(params, x, y, λ, key, method_state) -> Linearization
-DirectionFn = Callable[[PyTree, PyTree, jax.Array, jax.Array, jax.Array, PyTree], Linearization]
+# direction_fn(fn, params, x, y, λ, key, method_state) -> Linearization, where fn(params, x) is the
+# model of this step (state and key bound: the same function for the direction and every trial).
+DirectionFn = Callable[
+    [Callable, PyTree, PyTree, PyTree, jax.Array, jax.Array, PyTree], Linearization
+]
 
 
 def _raw_key(key: jax.Array | None) -> jax.Array:
@@ -125,9 +138,10 @@ class GaussNewtonOptimizer:
     """A Gauss-Newton-type optimizer: ``state = init(params)``; ``step(params, state, x, y, key)``.
 
     Built by :func:`egn` (and the other method constructors); the fields are validated there.
+    ``model_fn`` is a plain function or a :class:`~gaussnewton.Model` (state and key channels).
     """
 
-    model_fn: Callable
+    model_fn: Callable | Model
     loss: Loss
     direction_fn: DirectionFn
     learning_rate: float | Schedule
@@ -140,8 +154,20 @@ class GaussNewtonOptimizer:
     init_method_state: Callable[[PyTree], PyTree] | None = None
 
     # ----------------------------------------------------------------------------------- init
-    def init(self, params: PyTree, key: jax.Array | None = None) -> GaussNewtonState:
-        """Initial state. ``key`` seeds the sampled curvature when ``step`` gets no key."""
+    @property
+    def model(self) -> Model:
+        """``model_fn`` as a :class:`~gaussnewton.Model`."""
+        return as_model(self.model_fn)
+
+    def init(
+        self, params: PyTree, key: jax.Array | None = None, model_state: PyTree = None
+    ) -> GaussNewtonState:
+        """Initial state.
+
+        ``key`` seeds the per-step keys (sampled curvature, a model's ``key``) when ``step`` gets no
+        key. ``model_state`` is the first state of a stateful :class:`~gaussnewton.Model` (default
+        its ``initial_state``).
+        """
         dt = jnp.result_type(
             jnp.float32, *(leaf.dtype for leaf in jax.tree_util.tree_leaves(params))
         )
@@ -156,6 +182,7 @@ class GaussNewtonOptimizer:
             tx_state=self.tx.init(params) if self.tx is not None else (),
             key=_raw_key(key),
             method_state=self.init_method_state(params) if self.init_method_state else (),
+            model_state=self.model.initial_state if model_state is None else model_state,
         )
 
     # ----------------------------------------------------------------------------------- step
@@ -167,22 +194,25 @@ class GaussNewtonOptimizer:
         y: jax.Array,
         key: jax.Array | None = None,
     ) -> tuple[PyTree, GaussNewtonState, StepInfo]:
-        """One optimizer step on the mini-batch ``(x, y)``; pure and jit-able."""
+        """One optimizer step on the mini-batch ``(x, y)``; pure and jit-able.
+
+        ``key`` (optional) is this step's PRNG key (sampled curvature, a :class:`~gaussnewton.Model`
+        that needs one); without it a key is split from the state.
+        """
         dt = state.damping.dtype
         key, next_key = self._keys(state, key)
+        fn, model_state = self._bind_model(params, x, state.model_state, key)
         lam = self._damping_now(state)
-        lin = self.direction_fn(params, x, y, lam, key, state.method_state)
+        lin = self.direction_fn(fn, params, x, y, lam, key, state.method_state)
         d, momentum = self._apply_momentum(lin.direction, state)
         d, tx_state = self._apply_tx(d, state.tx_state, params)
         slope = tree_vdot(lin.grad, d).astype(dt)
-        loss_at = self._loss_along(params, d, x, y)
+        loss_at = self._loss_along(fn, params, d, x, y)
         alpha, loss_after, trials, accepted, next_alpha = self._step_size(
             loss_at, lin.loss, slope, state
         )
         delta = tree_scale(alpha.astype(dt), d)
-        rho, lam_next = self._next_damping(
-            lam, lin, delta, slope * alpha, loss_at, alpha, loss_after
-        )
+        rho, lam_next = self._next_damping(lam, lin, delta, slope * alpha, loss_after)
         new_params = tree_axpy(1.0, delta, params)
 
         ok = (
@@ -190,6 +220,8 @@ class GaussNewtonOptimizer:
             & tree_all_finite(lin.grad)
             & tree_all_finite(d)
             & tree_all_finite(new_params)
+            & jnp.isfinite(loss_after)  # never a step into a non-finite region
+            & jnp.asarray(lin.labels_ok, bool)
         )
         new_state = GaussNewtonState(
             count=state.count + 1,
@@ -199,6 +231,7 @@ class GaussNewtonOptimizer:
             tx_state=tx_state,
             key=next_key,
             method_state=lin.method_state if lin.after_step is None else lin.after_step(delta),
+            model_state=model_state,
         )
         rejected_state = state._replace(damping=self.damping_policy.on_rejected(state.damping))
         out_params = tree_select(ok, new_params, params)
@@ -228,6 +261,19 @@ class GaussNewtonOptimizer:
         k, nk = jax.random.split(jax.random.wrap_key_data(state.key))
         return k, jax.random.key_data(nk)
 
+    def _bind_model(self, params, x, model_state, key):
+        """The model of this step as ``fn(params, x)`` (state and key fixed) and its new state.
+
+        The model key is derived from the step key (``fold_in(key, 1)``), so it differs from the key
+        of the sampled curvature. The new model state is that of the evaluation at ``params``.
+        """
+        model = self.model
+        model_key = jax.random.fold_in(key, 1) if model.needs_key else None
+        fn = model.bind(model_state, model_key)
+        if model.has_state:
+            _, model_state = model.apply(params, x, model_state, model_key)
+        return fn, model_state
+
     def _damping_now(self, state):
         if isinstance(self.damping_policy, AdaptiveDamping) or not callable(self.damping):
             return state.damping
@@ -245,12 +291,16 @@ class GaussNewtonOptimizer:
         return tree_scale(1.0 / (1.0 - beta**t), m), m
 
     def _apply_tx(self, d, tx_state, params):
+        """``tx`` in optax's convention: it maps the gradient-like ``−d`` to an update ``u`` that is
+        SUBTRACTED (``d ← −u``), so ``optax.add_decayed_weights(wd)`` decays the weights and
+        ``optax.scale_by_adam()`` gives Adam-style moments, as in an optax chain."""
         if self.tx is None:
             return d, tx_state
-        return self.tx.update(d, tx_state, params)
+        u, tx_state = self.tx.update(tree_scale(-1.0, d), tx_state, params)
+        return tree_scale(-1.0, u), tx_state
 
-    def _loss_along(self, params, d, x, y):
-        fn = as_2d(self.model_fn)
+    def _loss_along(self, fn, params, d, x, y):
+        fn = as_2d(fn)
 
         def loss_at(alpha):
             f = fn(tree_axpy(alpha, d, params), x)
@@ -259,23 +309,24 @@ class GaussNewtonOptimizer:
         return loss_at
 
     def _step_size(self, loss_at, loss0, slope, state):
-        """(α, L(w + αd) or NaN, trials, accepted, α stored for the next step)."""
+        """(α, L(w + αd), trials, accepted, α stored for the next step).
+
+        Without a line search ``L(w + αd)`` is still evaluated (one forward pass): the step guard
+        rejects a step into a non-finite region and the gain ratio reuses it.
+        """
         dt = state.damping.dtype
         alpha_max = jnp.asarray(_as_schedule(self.learning_rate)(state.count), dt)
         if self.line_search is None:
-            nan = jnp.asarray(jnp.nan, dt)
-            return alpha_max, nan, 0, True, alpha_max
+            return alpha_max, loss_at(alpha_max).astype(dt), 0, True, alpha_max
         res = self.line_search.search(
             lambda a: loss_at(a).astype(dt), loss0.astype(dt), slope, state.step_size, alpha_max
         )
         return res.step_size, res.loss, res.trials, res.accepted, res.next_step_size
 
-    def _next_damping(self, lam, lin, delta, lin_decrease, loss_at, alpha, loss_after):
+    def _next_damping(self, lam, lin, delta, lin_decrease, loss_after):
         """ρ and the next λ (adaptive only; a fixed policy reports ρ = NaN)."""
         if not isinstance(self.damping_policy, AdaptiveDamping):
             return jnp.asarray(jnp.nan, lam.dtype), lam
-        if self.line_search is None:
-            loss_after = loss_at(alpha)
         actual = (loss_after - lin.loss).astype(lam.dtype)
         predicted = (lin_decrease + lin.quad(delta)).astype(lam.dtype)
         rho = gain_ratio(actual, predicted)

@@ -43,7 +43,7 @@ from gaussnewton._family import assemble, check_common, check_int
 from gaussnewton._tree import tree_axpy, tree_vdot
 from gaussnewton.cg import cg_solve
 from gaussnewton.damping import AdaptiveDamping
-from gaussnewton.gram import as_2d
+from gaussnewton.linearization import linearize
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import LossLike
 from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization
@@ -54,21 +54,18 @@ __all__ = ["sgn"]
 
 
 def _ggn_operator(fn, params, x, y, loss):
-    """(loss, ∇L, v ↦ H v, v ↦ J v) from one ``jax.linearize`` of the batch outputs."""
-    f, jvp_fn = jax.linearize(lambda p: fn(p, x), params)
-    vjp_fn = jax.linear_transpose(jvp_fn, params)
-    y = loss.prepare_labels(f, y)
-    b = f.shape[0]
-    value = jnp.mean(loss.value(f, y))
-    (grad,) = vjp_fn(loss.grad(f, y) / b)
-    q = None if loss.identity_curvature else loss.hessian(f, y)
+    """(linearization, ∇L, v ↦ H v, Q) from one ``jax.linearize`` of the batch outputs."""
+    lin = linearize(fn, loss, params, x, y, mode="linearize")
+    b = lin.batch_size
+    grad = lin.vjp(lin.g / b)
+    q = None if loss.identity_curvature else loss.hessian(lin.outputs, lin.labels)
 
     def ggn_mv(v):
-        jv = jvp_fn(v)
+        jv = lin.jvp(v)
         qjv = jv if q is None else jnp.einsum("bcd,bd->bc", q, jv)
-        return vjp_fn(qjv / b)[0]
+        return lin.vjp(qjv / b)
 
-    return value, grad, ggn_mv, jvp_fn, q
+    return lin, grad, ggn_mv, q
 
 
 def sgn(
@@ -108,12 +105,11 @@ def sgn(
     check_int("max_cg_iters", max_cg_iters, 1)
     if not cg_tol >= 0:
         raise ValueError(f"cg_tol={cg_tol!r} must be >= 0, e.g. 1e-6.")
-    fn = as_2d(model_fn)
     plain = not momentum and tx is None
 
-    def direction_fn(params, x, y, lam, key, method_state):
+    def direction_fn(fn, params, x, y, lam, key, method_state):
         del key
-        value, grad, ggn_mv, jvp_fn, q = _ggn_operator(fn, params, x, y, loss_obj)
+        lin, grad, ggn_mv, q = _ggn_operator(fn, params, x, y, loss_obj)
         lam_p = lam.astype(jax.tree_util.tree_leaves(params)[0].dtype)
         rhs = jax.tree_util.tree_map(jnp.negative, grad)
         res = cg_solve(
@@ -127,12 +123,21 @@ def sgn(
             if plain:  # Δ = s d: the authors' residual form, no extra pass
                 s = jnp.where(dd > 0, tree_vdot(delta, d) / jnp.where(dd > 0, dd, 1.0), 0.0)
                 return s * s * curv
-            jd = jvp_fn(delta)
+            jd = lin.jvp(delta)
             qjd = jd if q is None else jnp.einsum("bcd,bd->bc", q, jd)
             b = jd.shape[0]
             return 0.5 * (jnp.sum(jd * qjd) / b + lam * tree_vdot(delta, delta))
 
-        return Linearization(value, grad, d, quad, res.iters, res.residual_max, method_state)
+        return Linearization(
+            lin.loss,
+            grad,
+            d,
+            quad,
+            res.iters,
+            res.residual_max,
+            method_state,
+            labels_ok=lin.labels_ok,
+        )
 
     return assemble(
         "sgn",

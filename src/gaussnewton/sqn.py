@@ -31,7 +31,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from gaussnewton._family import assemble, check_common, check_int
-from gaussnewton.gram import as_2d
+from gaussnewton.linearization import linearize
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import LossLike
 from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization
@@ -109,11 +109,10 @@ def sqn(
     check_int("history", history, 1)
     if not curvature_eps >= 0:
         raise ValueError(f"curvature_eps={curvature_eps!r} must be >= 0, e.g. 1e-10.")
-    fn = as_2d(model_fn)
 
-    def batch_loss(params, x, y):
-        f = fn(params, x)
-        return jnp.mean(loss_obj.value(f, loss_obj.prepare_labels(f, y)))
+    def batch_loss(fn, params, x, y):
+        lin = linearize(fn, loss_obj, params, x, y)
+        return lin.loss, lin.labels_ok
 
     def init_method_state(params):
         flat, _ = ravel_pytree(params)
@@ -121,9 +120,11 @@ def sqn(
         zero = jnp.zeros((), jnp.int32)
         return LBFGSHistory(z, z, zero, zero)
 
-    def direction_fn(params, x, y, lam, key, hist):
+    def direction_fn(fn, params, x, y, lam, key, hist):
         del lam, key
-        value, grad = jax.value_and_grad(batch_loss)(params, x, y)
+        (value, labels_ok), grad = jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
+            fn, params, x, y
+        )
         g, unravel = ravel_pytree(grad)
         hg = two_loop(g, hist)
         scale = jnp.where(hist.num > 0, 1.0, 1.0 / jnp.maximum(1.0, jnp.linalg.norm(g)))
@@ -132,7 +133,9 @@ def sqn(
         def after_step(delta):
             s, _ = ravel_pytree(delta)
             g_new, _ = ravel_pytree(
-                jax.grad(batch_loss)(jax.tree_util.tree_map(jnp.add, params, delta), x, y)
+                jax.grad(batch_loss, argnums=1, has_aux=True)(
+                    fn, jax.tree_util.tree_map(jnp.add, params, delta), x, y
+                )[0]
             )
             yv = (g_new - g).astype(s.dtype)
             sy, ss = jnp.dot(s, yv), jnp.dot(s, s)
@@ -149,7 +152,15 @@ def sqn(
             return jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), stored, hist)
 
         return Linearization(
-            value, grad, direction, lambda d: jnp.zeros(()), 0, 0.0, hist, after_step
+            value,
+            grad,
+            direction,
+            lambda d: jnp.zeros(()),
+            0,
+            0.0,
+            hist,
+            after_step,
+            labels_ok=labels_ok,
         )
 
     return assemble(

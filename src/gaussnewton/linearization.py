@@ -1,0 +1,105 @@
+r"""One batch linearization shared by every method of the family (METHODS.md §1).
+
+For a model ``fn(params, x) -> f`` (``(b, c)`` outputs; ``(b,)`` is read as ``c = 1``), a loss and
+labels, :func:`linearize` computes, with ONE forward pass,
+
+* the outputs ``f`` and the canonical labels (:meth:`~gaussnewton.Loss.prepare_labels`),
+* the batch loss ``L = (1/b) Σ_i l(f_i, y_i)``,
+* the output gradients ``g = ∂l/∂f`` (``(b, c)``),
+* the linear maps of the model at ``params``: ``u ↦ Jᵀu`` (one VJP, any number of times) and,
+  with ``mode="linearize"``, ``v ↦ J v`` from the same stored linearization,
+* whether the labels are valid (a traced flag: a step on invalid labels is rejected).
+
+The gradient is ``∇L = Jᵀ g / b``; every direction of the family is ``Jᵀ`` of some row-space vector
+(a solve of the Gram system, a dual solution, a scaled ``g``), so the methods differ only in the
+row-space work between :func:`linearize` and the final VJP. This module is also the one place
+that knows the batch axis of the outputs.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from gaussnewton.linearization import linearize
+    >>> from gaussnewton.losses import get_loss
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> lin = linearize(fn, get_loss("squared_error"), {"w": jnp.ones((3, 2))}, jnp.ones((4, 3)),
+    ...                 jnp.zeros((4, 2)))
+    >>> lin.outputs.shape, float(lin.loss)
+    ((4, 2), 9.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gaussnewton.gram import as_2d
+from gaussnewton.losses import Loss
+
+PyTree = Any
+
+__all__ = ["BatchLinearization", "linearize"]
+
+
+class BatchLinearization(NamedTuple):
+    """The model and loss linearized at ``params`` on one batch (see the module docstring)."""
+
+    outputs: jax.Array  # f, (b, c)
+    labels: Any  # canonical labels
+    loss: jax.Array  # L (mean over the batch)
+    g: jax.Array  # ∂l/∂f, (b, c)
+    vjp: Callable[[jax.Array], PyTree]  # u (b, c) -> Jᵀ u
+    jvp: Callable[[PyTree], jax.Array] | None  # v -> J v (mode="linearize" only)
+    labels_ok: jax.Array  # bool scalar
+
+    @property
+    def batch_size(self) -> int:
+        return self.outputs.shape[0]
+
+    def grad(self) -> PyTree:
+        """``∇L = Jᵀ g / b`` (one VJP)."""
+        return self.vjp((self.g / self.batch_size).astype(self.outputs.dtype))
+
+
+def _labels_ok(loss: Loss, f: jax.Array, y: Any) -> jax.Array:
+    check = getattr(loss, "labels_valid", None)
+    return jnp.asarray(True) if check is None else jnp.asarray(check(f, y), bool)
+
+
+def linearize(
+    fn: Callable,
+    loss: Loss,
+    params: PyTree,
+    x: PyTree,
+    y: Any,
+    *,
+    mode: Literal["vjp", "linearize"] = "vjp",
+) -> BatchLinearization:
+    """Outputs, loss, ``g`` and the linear maps of ``fn`` at ``params`` on ``(x, y)``.
+
+    ``mode="vjp"`` stores the backward pass (``jax.vjp``); ``mode="linearize"`` stores the forward
+    linearization (``jax.linearize``) and transposes it, so ``J v`` products need no new forward
+    pass (SGN, row-space CG).
+    """
+    fn2 = as_2d(fn)
+    if mode == "vjp":
+        f, vjp_fn = jax.vjp(lambda p: fn2(p, x), params)
+        jvp_fn = None
+
+        def vjp(u):
+            return vjp_fn(u)[0]
+
+    elif mode == "linearize":
+        f, jvp_fn = jax.linearize(lambda p: fn2(p, x), params)
+        transposed = jax.linear_transpose(jvp_fn, params)
+
+        def vjp(u):
+            return transposed(u)[0]
+
+    else:  # pragma: no cover - internal misuse
+        raise ValueError(f"mode={mode!r}: use 'vjp' or 'linearize'.")
+    labels = loss.prepare_labels(f, y)
+    value = jnp.mean(loss.value(f, labels))
+    g = loss.grad(f, labels)
+    return BatchLinearization(f, labels, value, g, vjp, jvp_fn, _labels_ok(loss, f, labels))
