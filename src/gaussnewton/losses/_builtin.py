@@ -21,6 +21,12 @@ def row_tolerance(label_dtype, out_dtype, c: int) -> float:
     ``tol = max(√ε, 4 c ε)`` with ``ε`` the machine epsilon of the coarser of the label and output
     dtypes (integer labels: the output dtype): ``√ε`` (1.5e-8 in float64, 3.5e-4 in float32)
     admits rows normalised in that precision, and ``4 c ε`` bounds the rounding of a ``c``-term sum.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gaussnewton.losses import row_tolerance
+        >>> f"{row_tolerance(jnp.float32, jnp.float64, 10):.1e}"
+        '3.5e-04'
     """
     eps = float(jnp.finfo(out_dtype).eps)
     if jnp.issubdtype(label_dtype, jnp.floating):

@@ -45,19 +45,39 @@ class WeightedLabels(NamedTuple):
 
 
 def split_labels(y) -> tuple[Array, Array | None]:
-    """``(labels, weights)`` of ``y``; ``weights`` is None unless ``y`` is :class:`WeightedLabels`."""
+    """``(labels, weights)`` of ``y``; ``weights`` is None unless ``y`` is :class:`WeightedLabels`.
+
+    Example:
+        >>> from gaussnewton.losses import WeightedLabels, split_labels
+        >>> split_labels(WeightedLabels("y", "w")), split_labels("y")
+        (('y', 'w'), ('y', None))
+    """
     if isinstance(y, WeightedLabels):
         return y.labels, y.weights
     return y, None
 
 
 def token_shape(f: Array) -> tuple[int, ...]:
-    """The token axes ``tok`` of outputs ``f`` of shape ``(b, *tok, c)`` (``()`` for 2-D ``f``)."""
+    """The token axes ``tok`` of outputs ``f`` of shape ``(b, *tok, c)`` (``()`` for 2-D ``f``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gaussnewton.losses import token_shape
+        >>> token_shape(jnp.zeros((8, 5, 7, 3))), token_shape(jnp.zeros((8, 3)))
+        ((5, 7), ())
+    """
     return tuple(f.shape[1:-1])
 
 
 def num_tokens(f: Array) -> int:
-    """``T = prod(tok)``, the number of tokens per example (1 for 2-D outputs)."""
+    """``T = prod(tok)``, the number of tokens per example (1 for 2-D outputs).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gaussnewton.losses import num_tokens
+        >>> num_tokens(jnp.zeros((8, 5, 7, 3))), num_tokens(jnp.zeros((8, 3)))
+        (35, 1)
+    """
     return math.prod(token_shape(f))
 
 
