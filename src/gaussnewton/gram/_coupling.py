@@ -161,9 +161,11 @@ class _Analysis:
     def __init__(self, b: int):
         self.b = b
         self.reasons: list[str] = []
+        self.calls: list[str] = []  # source lines of the enclosing call equations
 
     def flag(self, eqn: JaxprEqn, what: str):
-        line = f"{eqn.primitive.name} {what}{_where(eqn)}"
+        where = _where(eqn) or next((w for w in reversed(self.calls) if w), "")
+        line = f"{eqn.primitive.name} {what}{where}"
         if line not in self.reasons:
             self.reasons.append(line)
         return MIXED
@@ -193,12 +195,16 @@ class _Analysis:
                 env[v] = s
         return [read(v) for v in jaxpr.outvars]
 
-    def closed(self, closed: ClosedJaxpr | Jaxpr, in_states: Sequence) -> list:
+    def closed(self, closed: ClosedJaxpr | Jaxpr, in_states: Sequence, eqn=None) -> list:
         if isinstance(closed, ClosedJaxpr):
             jaxpr, consts = closed.jaxpr, closed.consts
         else:
             jaxpr, consts = closed, ()
-        return self.run(jaxpr, [FREE] * len(consts), in_states)
+        self.calls.append("" if eqn is None else _where(eqn))
+        try:
+            return self.run(jaxpr, [FREE] * len(consts), in_states)
+        finally:
+            self.calls.pop()
 
     # ---- one equation -------------------------------------------------------------------------
     def eqn(self, eqn: JaxprEqn, ins: list) -> list:
@@ -212,7 +218,7 @@ class _Analysis:
             sub = prm.get(CALLS[name])
             if sub is None:
                 return self.unknown(eqn, ins)
-            return self.closed(sub, ins)
+            return self.closed(sub, ins, eqn)
         if name in ELEMENTWISE:
             return self.elementwise(eqn, ins, shapes)
         if name == "iota":
@@ -263,6 +269,10 @@ class _Analysis:
             return self.along(
                 eqn, ins, shapes, prm["dimension"], "concatenates along the batch axis"
             )
+        if name == "stack":  # new axis `axis` in front of operand dimension `axis`
+            ax = prm["axis"]
+            (a,) = self.along(eqn, ins, shapes, -1, "", 1)
+            return [a if not isinstance(a, int) else a + (a >= ax)]
         if name == "rev":
             if ins[0] in set(prm["dimensions"]):
                 return [self.flag(eqn, "reverses the batch axis")]
@@ -540,7 +550,7 @@ class _Analysis:
         saved = list(self.reasons)
         for _ in range(8):
             self.reasons = list(saved)
-            outs = self.closed(body, fixed + carry + extra)
+            outs = self.closed(body, fixed + carry + extra, eqn)
             new = [
                 self.join(eqn, c, o, sh)
                 for c, o, sh in zip(carry, outs[: len(carry)], shapes, strict=True)
@@ -590,7 +600,7 @@ class _Analysis:
             eqn, p["body_jaxpr"], list(ins[cn : cn + bn]), carry, shapes, [], len(eqn.outvars)
         )
         carry = [self.join(eqn, c, o, sh) for c, o, sh in zip(carry, outs, shapes, strict=True)]
-        (pred,) = self.closed(p["cond_jaxpr"], list(ins[:cn]) + carry)
+        (pred,) = self.closed(p["cond_jaxpr"], list(ins[:cn]) + carry, eqn)
         if pred is MIXED or isinstance(pred, int):
             self.flag(eqn, "loops on a batch-dependent condition")
         return carry
@@ -599,7 +609,7 @@ class _Analysis:
         if isinstance(ins[0], int):
             self.flag(eqn, "branches on a batched index")
             return [MIXED] * len(eqn.outvars)
-        results = [self.closed(br, ins[1:]) for br in eqn.params["branches"]]
+        results = [self.closed(br, ins[1:], eqn) for br in eqn.params["branches"]]
         outs = results[0]
         for r in results[1:]:
             outs = [
