@@ -314,9 +314,8 @@ def gram_diagonal(
         >>> import jax.numpy as jnp
         >>> from gaussnewton.gram import gram_diagonal
         >>> fn = lambda p, x: x @ p["w"]
-        >>> gram_diagonal(fn, {"w": jnp.ones((2, 3))}, jnp.array([[1.0, 2.0], [3.0, 4.0]]))
-        Array([[ 5.,  5.,  5.],
-               [25., 25., 25.]], dtype=float32)
+        >>> gram_diagonal(fn, {"w": jnp.ones((2, 3))}, jnp.array([[1.0, 2.0], [3.0, 4.0]])).tolist()
+        [[5.0, 5.0, 5.0], [25.0, 25.0, 25.0]]
     """
     fn = as_2d(model_fn)
     k = jax.eval_shape(fn, params, x).shape[1]
