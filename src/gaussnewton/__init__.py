@@ -25,6 +25,7 @@ from gaussnewton.losses import (
 )
 from gaussnewton.optax_bridge import as_optax
 from gaussnewton.optimizer import GaussNewtonOptimizer, GaussNewtonState, StepInfo
+from gaussnewton.preconditioner import EGNPreconditionerState, egn_preconditioner
 from gaussnewton.sgn import sgn
 from gaussnewton.sqn import sqn
 
@@ -35,6 +36,7 @@ __all__ = [
     "Armijo",
     "ConvexLoss",
     "DirectionInfo",
+    "EGNPreconditionerState",
     "GaussNewtonOptimizer",
     "GaussNewtonState",
     "Loss",
@@ -47,6 +49,7 @@ __all__ = [
     "dual_gn_transform",
     "egn",
     "egn_direction",
+    "egn_preconditioner",
     "empirical_ntk",
     "explain_gram",
     "from_equinox",
