@@ -37,7 +37,8 @@ with the running mean of the gradients and THAT call's extra arguments, and keep
 at the last micro-step. So the emitted update is the mean gradient of the ``k`` micro-batches
 preconditioned with the curvature (and ``λ``) of the LAST micro-batch ``x, y``; the state (step
 count for a ``λ`` schedule) advances once per emitted update. The inner solve runs at every
-micro-step (MultiSteps' design), so the cost is ``k`` solves per emitted update.
+micro-step (MultiSteps' design), so the cost is ``k`` solves per emitted update. MultiSteps
+accumulates in float32 unless given ``accumulator_dtype``.
 
 Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -281,7 +282,8 @@ def egn_preconditioner(
             raise ValueError(
                 "egn_preconditioner got params with optax.MaskedNode leaves (it runs inside "
                 "optax.masked / multi_transform): the model needs all parameters, so pass them "
-                "as tx.update(grads, state, params, x=x, y=y, full_params=params)."
+                "as tx.update(grads, state, params, x=x, y=y, full_params=params) (and leave "
+                "mask_compatible_extra_args=False, or optax masks full_params too)."
             )
         lam = damping(state.count) if callable(damping) else damping
         out = precondition(
