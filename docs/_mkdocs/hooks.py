@@ -62,9 +62,9 @@ def on_config(config, **kwargs):
     extra = sorted(documented.keys() - public)
     if missing or extra:
         raise PluginError(
-            f"API pages out of sync with gaussnewton.__all__: missing {missing} (add each to the "
-            f"'members:' list of a docs/api/*.md page), not public {extra} (remove them or "
-            "export them)."
+            f"API pages out of sync with gaussnewton.__all__: missing {missing} (add a "
+            "'::: gaussnewton.<name>' block for each to a docs/api/*.md page), not public "
+            f"{extra} (remove them or export them)."
         )
     _PUBLIC.clear()
     _PUBLIC.update(public)
