@@ -40,7 +40,7 @@ from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
 from gaussnewton.cg import row_space_cg
 from gaussnewton.gram import as_2d, gram_factors
 from gaussnewton.linalg import num_tiles, solve_tiled_spd
-from gaussnewton.linearization import linearize
+from gaussnewton.linearization import linearize, with_output_axis
 from gaussnewton.losses import Loss, LossLike, expand, get_loss, project
 
 PyTree = Any
@@ -108,8 +108,30 @@ def _gram_solve(fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array) 
         t = block(parts[i]) if i == j else block(parts[i], parts[j])
         return t.reshape(sizes[i], sizes[j]).astype(rhs.dtype)
 
+    diag = [tile(i, i) for i in range(nt)]  # formed once, reused by the factorization
+    shift = jnp.maximum(shift, shift_floor(diag))
     flat = rhs.reshape((b * k,) + rhs.shape[2:])
-    return solve_tiled_spd(tile, sizes, shift, flat).reshape(rhs.shape)
+    solved = solve_tiled_spd(lambda i, j: diag[i] if i == j else tile(i, j), sizes, shift, flat)
+    return solved.reshape(rhs.shape)
+
+
+#: the smallest shift of a row-space system, in units of ``ε · tr(K)`` (see shift_floor)
+SHIFT_FLOOR = 1.0
+
+
+def shift_floor(diag_tiles) -> jax.Array:
+    r"""The smallest shift the row-space Cholesky uses: ``SHIFT_FLOOR · ε · tr(K)``.
+
+    A Gram formed in floating point carries errors of about ``ε ‖K‖ ≤ ε tr(K)`` (``ε`` the machine
+    epsilon of its dtype); a shift ``bλ`` below that cannot be honoured — the factorization breaks
+    down (NaN) or returns noise. With the floor, ``(K + max(bλ, floor) I) u = rhs`` is always
+    solvable (also ``λ = 0`` on a rank-deficient ``K``: duplicated examples, ``b c > d``, where it
+    gives the minimum-norm Gauss-Newton step up to ``ε``); in float64 the floor (``2e-16 tr(K)``)
+    is far below every λ the tests use.
+    """
+    trace = sum(jnp.trace(t) for t in diag_tiles)
+    eps = jnp.finfo(diag_tiles[0].dtype).eps
+    return SHIFT_FLOOR * eps * jnp.maximum(trace, 0.0)
 
 
 def _flat_outputs(fn):
@@ -120,16 +142,6 @@ def _flat_outputs(fn):
         return out.reshape(out.shape[0], -1)
 
     return flat
-
-
-def _with_output_axis(fn):
-    """``(b,)`` outputs read as ``(b, 1)``; ``(b, c)`` and per-token ``(b, *tok, c)`` pass."""
-
-    def fn_b(p, xx):
-        out = fn(p, xx)
-        return out[:, None] if out.ndim == 1 else out
-
-    return fn_b
 
 
 def linearize_and_solve(
@@ -154,7 +166,7 @@ def linearize_and_solve(
     ``solver="cg"``: the same row-space system by CG with matrix-free ``K v`` products
     (:func:`gaussnewton.cg.row_space_cg`; ``warm_start`` is a previous direction or ``None``).
     """
-    fn = _with_output_axis(model_fn)
+    fn = with_output_axis(model_fn)
     if solver == "cg":
         fn = as_2d(fn)  # row-space CG takes (b, c) outputs
         lin = linearize(fn, loss, params, x, y, mode="linearize")

@@ -16,7 +16,8 @@ from gaussnewton._family import assemble, check_common, check_int
 from gaussnewton._tree import tree_zeros_like
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.directions import CURVATURES, SOLVERS, linearize_and_solve
-from gaussnewton.gram import STRATEGIES, as_2d
+from gaussnewton.gram import STRATEGIES
+from gaussnewton.linearization import with_output_axis
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import LossLike, get_loss
 from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization, Schedule, quad_from_factor
@@ -107,7 +108,7 @@ def egn(
 
     def direction_fn(model, params, x, y, lam, key, method_state):
         # batch → outputs, loss, g, S → Gram (or K v) → row-space solve → one VJP back
-        fn = as_2d(model)
+        fn = with_output_axis(model)  # (b,) -> (b, 1); per-token (b, *tok, c) kept
         lin = linearize_and_solve(
             fn,
             params,
@@ -124,7 +125,7 @@ def egn(
             cg_tol=cg_tol,
             warm_start=method_state if warm else None,
         )
-        quad = quad_from_factor(fn, params, x, lin.factor, lin.identity)
+        quad = quad_from_factor(fn, params, x, lin.factor, lin.identity, lin.identity_scale)
         nxt = lin.direction if warm else ()
         return Linearization(
             lin.loss,

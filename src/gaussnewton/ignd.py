@@ -36,9 +36,10 @@ import jax.numpy as jnp
 import optax
 
 from gaussnewton._family import assemble, check_common
-from gaussnewton._tree import compute_dtype, tree_vdot
+from gaussnewton._tree import compute_dtype
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.gram import as_2d
+from gaussnewton.gram import gram_diagonal as _gram_diagonal
 from gaussnewton.linearization import linearize
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import LossLike
@@ -50,18 +51,13 @@ __all__ = ["ignd", "gram_diagonal"]
 
 
 def gram_diagonal(model_fn: Callable, params: PyTree, x: PyTree) -> jax.Array:
-    r"""``K_ii = ‖∇_w f(w, x_i)‖²`` for a scalar-output ``model_fn`` (2-D ``(b, 1)`` outputs).
+    r"""``K_ii = ‖∇_w f(w, x)_i‖²`` for a scalar-output ``model_fn`` (2-D ``(b, 1)`` outputs).
 
-    One ``vmap`` of per-example gradients reduced to their squared norms (shape ``(b,)``, at least
-    float32); the ``b × b`` Gram matrix is never formed.
+    The diagonal of the Gram without forming it (:func:`gaussnewton.gram.gram_diagonal`: per-example
+    gradient norms, or rows of the batched Jacobian for a batch-coupled model); shape ``(b,)``, at
+    least float32.
     """
-
-    def single(xi):
-        xb = jax.tree_util.tree_map(lambda a: a[None], xi)
-        gi = jax.grad(lambda p: model_fn(p, xb)[0, 0])(params)
-        return tree_vdot(gi, gi)
-
-    return jax.vmap(single)(x)
+    return _gram_diagonal(model_fn, params, x)[:, 0]
 
 
 def ignd(

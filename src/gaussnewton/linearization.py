@@ -40,7 +40,7 @@ from gaussnewton.losses import Loss
 
 PyTree = Any
 
-__all__ = ["BatchLinearization", "linearize"]
+__all__ = ["BatchLinearization", "linearize", "with_output_axis"]
 
 
 class BatchLinearization(NamedTuple):
@@ -63,7 +63,10 @@ class BatchLinearization(NamedTuple):
         return self.vjp((self.g / self.batch_size).astype(self.outputs.dtype))
 
 
-def _with_output_axis(fn: Callable) -> Callable:
+def with_output_axis(fn: Callable) -> Callable:
+    """``fn`` with ``(b,)`` outputs read as ``(b, 1)``; ``(b, c)`` and per-token ``(b, *tok, c)``
+    outputs pass unchanged."""
+
     def fn_b(p, xx):
         out = fn(p, xx)
         return out[:, None] if out.ndim == 1 else out
@@ -94,7 +97,7 @@ def linearize(
     otherwise outputs must be ``(b, c)`` or ``(b,)`` (read as ``(b, 1)``).
     """
     v.check_params(params)
-    fn2 = _with_output_axis(fn) if tokens else as_2d(fn)
+    fn2 = with_output_axis(fn) if tokens else as_2d(fn)
     if mode == "vjp":
         f, vjp_fn = jax.vjp(lambda p: fn2(p, x), params)
         jvp_fn = None

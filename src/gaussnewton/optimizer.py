@@ -33,9 +33,9 @@ from gaussnewton._tree import (
 )
 from gaussnewton._validate import check_params
 from gaussnewton.damping import DampingPolicy, gain_ratio
-from gaussnewton.gram import as_2d
+from gaussnewton.linearization import with_output_axis
 from gaussnewton.linesearch import LineSearch
-from gaussnewton.losses import Loss
+from gaussnewton.losses import Loss, project
 from gaussnewton.model import Model, as_model
 
 PyTree = Any
@@ -310,7 +310,7 @@ class GaussNewtonOptimizer:
         return tree_scale(-1.0, u), tx_state
 
     def _loss_along(self, fn, params, d, x, y):
-        fn = as_2d(fn)
+        fn = with_output_axis(fn)
 
         def loss_at(alpha):
             f = fn(tree_axpy(alpha, d, params), x)
@@ -335,21 +335,25 @@ class GaussNewtonOptimizer:
 
     def _next_damping(self, lam, lin, delta, lin_decrease, loss_after):
         """ρ and the next λ (adaptive only; a fixed policy reports ρ = NaN)."""
-        if not self.damping_policy.uses_gain_ratio:
-            return jnp.asarray(jnp.nan, lam.dtype), lam
+        if not self.damping_policy.uses_gain_ratio:  # ρ not computed: the policy sees NaN
+            nan = jnp.asarray(jnp.nan, lam.dtype)
+            return nan, jnp.asarray(self.damping_policy.update(lam, nan), lam.dtype)
         actual = (loss_after - lin.loss).astype(lam.dtype)
         predicted = (lin_decrease + lin.quad(delta)).astype(lam.dtype)
         rho = gain_ratio(actual, predicted)
         return rho, self.damping_policy.update(lam, rho)
 
 
-def quad_from_factor(fn, params, x, factor, identity):
-    """``Δ ↦ ½ ΔᵀHΔ = (1/2b) ‖Sᵀ (J Δ)‖²`` by one JVP."""
+def quad_from_factor(fn, params, x, factor, identity, scale=1.0):
+    """``Δ ↦ ½ ΔᵀHΔ = (1/2b) ‖Sᵀ (J Δ)‖²`` by one JVP (per token for ``(b, *tok, c)`` outputs;
+    ``Q = scale · I`` when ``identity``)."""
 
     def quad(delta):
         _, jd = jax.jvp(lambda p: fn(p, x), (params,), (delta,))
         b = jd.shape[0]
-        z = jd if identity else jnp.einsum("bcr,bc->br", factor, jd)
-        return 0.5 * jnp.sum(jnp.square(z)) / b
+        if identity:
+            return 0.5 * scale * jnp.sum(jnp.square(jd)) / b
+        jd = jd if jd.ndim == factor.ndim - 1 else jd.reshape(factor.shape[:-1])
+        return 0.5 * jnp.sum(jnp.square(project(factor, jd))) / b
 
     return quad

@@ -103,8 +103,10 @@ class Loss:
                 f"loss {self.name!r}: model outputs f of shape {tuple(f.shape)} need a batch axis "
                 f"and an output axis, (b, c) or (b, *tok, c); reshape a scalar output to (b, 1)."
             )
-        traced = _is_traced(labels, weights)
         labels = self._check_shape(f, jnp.asarray(labels))
+        # decided AFTER the shape check: inside jit, concrete labels closed over by the traced
+        # function become tracers as soon as an operation (e.g. astype) touches them
+        traced = _is_traced(labels, weights)
         if weights is not None:
             weights = self._check_weights(f, weights, traced)
         active = None if weights is None else weights != 0
