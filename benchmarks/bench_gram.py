@@ -423,12 +423,20 @@ def blas_info() -> list[dict]:
     return [{k: i.get(k) for k in keys} for i in threadpool_info()]
 
 
+def selected(name: str, only: str | None) -> bool:
+    return only is None or any(part in name for part in only.split("|"))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two small problems (smoke run)")
     ap.add_argument("--out", default=None, help="write the rows as JSON to this file")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (>= 20)")
-    ap.add_argument("--only", default=None, help="run only problems whose name contains this")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="run only problems whose name contains this ('|' separates alternatives)",
+    )
     ap.add_argument(
         "--limit-blas",
         action="store_true",
@@ -445,13 +453,13 @@ def main(argv: list[str] | None = None) -> None:
     blas_before = blas_info()
     rows = []
     for p in problems(args.quick):
-        if args.only and args.only not in p.name:
+        if not selected(p.name, args.only):
             continue
         print(p.name, flush=True)
         rows.append(run_problem(p, args.steps, args.quick, args.skip_gram))
     small = []
     for p in [] if args.skip_small else small_problems(args.quick):
-        if args.only and args.only not in p.name:
+        if not selected(p.name, args.only):
             continue
         small.append(run_small(p, args.steps))
     print()

@@ -21,7 +21,10 @@ also change the user's own ``scipy.linalg`` (same library instance), so instead:
   :func:`padded_size`) and ``trsm``, the behaviour before. Faster per call when OpenBLAS runs one
   thread (e.g. ``OPENBLAS_NUM_THREADS=1`` set by the user). Select it with the environment
   variable ``GAUSSNEWTON_LINALG=lapack`` (read at import) or :func:`set_backend` (read when a
-  function is traced: call it before ``jax.jit`` traces the step).
+  function is traced). jax caches traces per function object, so call :func:`set_backend` at
+  program start, before the first step is traced: a function already traced (``jax.jit(opt.step)``
+  of the same optimizer) keeps the backend of its first trace; build a new optimizer after a
+  switch.
 
 Example:
     >>> import jax.numpy as jnp
@@ -72,8 +75,9 @@ if _backend not in BACKENDS:
 
 def set_backend(name: str) -> str:
     """Select how the damped SPD solves run: ``"native"`` (default, ``jax.lax`` only, never calls
-    scipy's OpenBLAS) or ``"lapack"`` (jaxlib's LAPACK). Takes effect for functions traced after
-    the call; returns the previous backend.
+    scipy's OpenBLAS) or ``"lapack"`` (jaxlib's LAPACK). Takes effect for functions first traced
+    after the call (jax reuses the cached trace of a function traced before, e.g. ``jax.jit`` of
+    the same ``opt.step``: build a new optimizer after switching); returns the previous backend.
 
     Example:
         >>> from gaussnewton import linalg
