@@ -98,40 +98,46 @@ def param_space_direction(
     return unravel(d.astype(flat.dtype))
 
 
-def space_costs(num_params: int, num_rows: int) -> dict:
+def space_costs(num_params: int, num_rows: int, gram_flops: float | None = None) -> dict:
     r"""Flop and memory estimates of one exact LM solve in each space.
 
     With ``D = num_params`` and ``n = num_rows`` (``b r``, the row-space order):
 
-    * ``"row"``: Gram ``K = A Aᵀ`` (``2 n² D`` flops through a formed Jacobian; the structured
-      Gram does fewer) + Cholesky ``n³/3``; memory ``n²`` entries.
+    * ``"row"``: the Gram (``gram_flops``; default ``n² D``, half of the ``2 n² D`` of a formed
+      Jacobian, because the structured Gram of layered models is cheaper: a dense ``p x q``
+      layer costs ``2 n² (p + q)``, not ``2 n² p q``) + Cholesky ``n³/3``; memory ``n²`` entries.
     * ``"param"``: ``AᵀA`` (``2 n D²``) + Cholesky ``D³/3``; memory ``n D + D²`` (``J``, ``AᵀA``).
 
     The per-example Jacobian (``~6 b c D`` flops) and the passes both spaces need (forward, VJP
-    back) are left out: they are linear in ``D`` and ``n`` and the same order in both.
+    back) are left out: they are linear in ``D`` and ``n``.
     Returns ``{"row": (flops, entries), "param": (flops, entries)}``.
     """
     d, n = int(num_params), int(num_rows)
-    return {
-        "row": (2 * n * n * d + n**3 / 3, n * n),
-        "param": (2 * n * d * d + d**3 / 3, n * d + d * d),
-    }
+    gram = float(n * n * d) if gram_flops is None else float(gram_flops)
+    return {"row": (gram + n**3 / 3, n * n), "param": (2 * n * d * d + d**3 / 3, n * d + d * d)}
 
 
 def choose_space(
-    num_params: int, num_rows: int, *, max_entries: float = 2**28
+    num_params: int,
+    num_rows: int,
+    *,
+    gram_flops: float | None = None,
+    max_entries: float = 2**28,
 ) -> Literal["row", "param"]:
     r"""``"param"`` when the parameter-space solve needs fewer flops (:func:`space_costs`) and its
     memory (``n D + D²`` entries) fits ``max_entries``; else ``"row"``.
 
-    The flop ratio row / param is ``(2 n² D + n³/3) / (2 n D² + D³/3)``, ``> 1`` exactly when
-    ``D < n``: the rule is "parameter space when there are fewer parameters than rows".
-    Measured on the 2-core CPU here (``benchmarks/bench_gram.py``, plain step, float32): LQR
-    quadratic features ``D = 36, b = 128``: 0.22 ms (param) against 0.70 ms (row).
+    With the default Gram estimate and ``t = D / n`` the rule compares ``t + 1/3`` (row) with
+    ``2t² + t³/3`` (param): parameter space for ``D < 0.68 n``, never for ``D >= n``. Measured
+    on the 2-core CPU here (``benchmarks/bench_gram.py --only "D="``, plain step, float32): LQR
+    quadratic features ``D = 36, b = 256``: 0.33 ms (param) against 3.6 ms (row); ``D = 105,
+    b = 128`` (``t = 0.82``): a tie (0.93 against 1.01 ms); the sine MLP ``D = 901, b = 1000``
+    (``t = 0.9``): 181 ms (param) against 93 ms (row). Pass ``gram_flops`` when the row-space
+    Gram cost is known (e.g. from the structured engine's cost model).
 
     Example:
         >>> from gaussnewton.param_space import choose_space
-        >>> choose_space(36, 128), choose_space(901, 1000), choose_space(1200, 1000)
+        >>> choose_space(36, 128), choose_space(105, 256), choose_space(901, 1000)
         ('param', 'param', 'row')
         >>> choose_space(235146, 1152)
         'row'
@@ -139,7 +145,7 @@ def choose_space(
     for name, value in (("num_params", num_params), ("num_rows", num_rows)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-    c = space_costs(num_params, num_rows)
+    c = space_costs(num_params, num_rows, gram_flops)
     if c["param"][1] > max_entries:
         return "row"
     return "param" if c["param"][0] < c["row"][0] else "row"
