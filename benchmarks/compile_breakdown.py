@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/compile_breakdown.py [--problem ce|reg] [--backend native|lapack]
+        [--leaf ROWS] [--only-default]
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problem", choices=("ce", "reg"), default="ce")
     ap.add_argument("--backend", choices=linalg.BACKENDS, default="native")
+    ap.add_argument("--leaf", type=int, default=None, help="linalg.LEAF_ROWS for this run")
+    ap.add_argument("--only-default", action="store_true", help="Adam and the default step only")
     args = ap.parse_args(argv)
     linalg.set_backend(args.backend)
+    if args.leaf:
+        linalg.LEAF_ROWS = args.leaf
     kp, kx, ky = jax.random.split(jax.random.PRNGKey(0), 3)
     if args.problem == "ce":
         sizes, loss, act = (784, 256, 256, 10), "softmax_cross_entropy", "relu"
@@ -72,10 +77,12 @@ def main(argv=None) -> None:
         "egn armijo, constant damping": dict(damping_policy="constant"),
         "egn default": {},
     }
+    if args.only_default:
+        cfgs = {"egn default": {}}
     for name, kw in cfgs.items():
         opt = gn.egn(f, loss=loss, **kw)
         rows[name] = breakdown(opt.step, params, opt.init(params), x, y)
-    print(f"problem {args.problem}, backend {args.backend}")
+    print(f"problem {args.problem}, backend {args.backend}, leaf rows {linalg.LEAF_ROWS}")
     print(f"{'step':<30} {'trace s':>8} {'lower s':>8} {'compile s':>10} {'while':>6} {'lines':>7}")
     for name, r in rows.items():
         print(
