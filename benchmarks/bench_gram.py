@@ -6,10 +6,19 @@ For each problem it measures, in ONE process and side by side:
 * the EGN step time (``gn.egn(..., gram="structured")``) over the Adam step time (optax.adam),
   both jitted, median of >= 20 steps after warm-up, interleaved in rounds,
 * the peak memory of the compiled EGN step from XLA's memory analysis
-  (arguments + outputs + temporaries - aliased bytes).
+  (arguments + outputs + temporaries - aliased bytes),
+* the DEFAULT step as a user calls it (``gn.egn(model, loss=...)``: Armijo line search, adaptive
+  damping, ``gram="auto"``) over Adam, and the first-call (trace + compile + run) time of both,
+* on small models (``D`` parameters < ``b r`` rows: LQR quadratic features, the sine MLP) the
+  plain step with the row-space and with the parameter-space solve
+  (:mod:`gaussnewton.param_space`),
+* the BLAS libraries loaded and their thread counts (threadpoolctl), before and after.
+
+The process does NO thread set-up (as a user's would) unless ``--limit-blas`` is given.
 
 Usage:
-    python benchmarks/bench_gram.py [--quick] [--out results.json] [--steps 20]
+    python benchmarks/bench_gram.py [--quick] [--out results.json] [--steps 20] [--only NAME]
+        [--limit-blas] [--skip-gram]
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ import numpy as np
 import optax
 
 import gaussnewton as gn
-from gaussnewton.experiments._blas import limit_blas_threads
+from gaussnewton import linalg
 from gaussnewton.gram import STRATEGIES, as_2d
+from gaussnewton.param_space import choose_space, param_space_direction
 
 
 @dataclass(frozen=True)
@@ -174,7 +184,14 @@ def peak_bytes(compiled) -> int | None:
     )
 
 
-def run_problem(p: Problem, steps: int, quick: bool) -> dict:
+def first_call_s(fn: Callable, *args) -> float:
+    """Seconds of the first call of a fresh ``jax.jit`` function: trace + compile + one run."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t
+
+
+def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) -> dict:
     key = jax.random.PRNGKey(0)
     kp, kx, ky = jax.random.split(key, 3)
     if p.model == "cnn":
@@ -199,7 +216,7 @@ def run_problem(p: Problem, steps: int, quick: bool) -> dict:
 
     # Gram of the model outputs per strategy.
     f2 = as_2d(f)
-    for s in p.strategies:
+    for s in () if skip_gram else p.strategies:
         g = jax.jit(lambda params, x, s=s: STRATEGIES[s](f2, params, x, None))
         jax.block_until_ready(g(params, x))
         times = timed(g, params, x, reps=5 if quick else 10, budget_s=10.0)
@@ -238,22 +255,46 @@ def run_problem(p: Problem, steps: int, quick: bool) -> dict:
         updates, opt_state = adam.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    # The default step as a user calls it, and the first-call (compile) time of it and Adam.
+    # These are measured first, on fresh jit functions, so no cache is warm.
+    default = gn.egn(f, loss=p.loss, curvature=p.curvature)
+    default_state = default.init(params, key=jax.random.PRNGKey(1))
+    default_step = jax.jit(default.step)
+    row["adam_first_call_s"] = first_call_s(adam_step, params, adam_state, x, y)
+    row["egn_default_first_call_s"] = first_call_s(default_step, params, default_state, x, y)
+    row["compile_egn_over_adam"] = row["egn_default_first_call_s"] / row["adam_first_call_s"]
+    print(
+        f"  first call: egn default {row['egn_default_first_call_s']:.1f} s, "
+        f"adam {row['adam_first_call_s']:.1f} s ({row['compile_egn_over_adam']:.1f}x)",
+        flush=True,
+    )
+
     compiled = egn_step.lower(params, state, x, y).compile()
     row["egn_step_peak_bytes"] = peak_bytes(compiled)
     row["adam_step_peak_bytes"] = peak_bytes(adam_step.lower(params, adam_state, x, y).compile())
     for _ in range(3):
         jax.block_until_ready(egn_step(params, state, x, y))
         jax.block_until_ready(adam_step(params, adam_state, x, y))
-    egn_t, adam_t = [], []
+    for _ in range(3):
+        jax.block_until_ready(default_step(params, default_state, x, y))
+    egn_t, adam_t, default_t = [], [], []
     rounds = 4
     per = max(1, -(-steps // rounds))
     for _ in range(rounds):
         egn_t += timed(egn_step, params, state, x, y, reps=per, budget_s=1e9)
         adam_t += timed(adam_step, params, adam_state, x, y, reps=per, budget_s=1e9)
+        default_t += timed(default_step, params, default_state, x, y, reps=per, budget_s=1e9)
     row["egn_step_ms"] = 1e3 * statistics.median(egn_t)
     row["adam_step_ms"] = 1e3 * statistics.median(adam_t)
     row["egn_over_adam"] = row["egn_step_ms"] / row["adam_step_ms"]
+    row["egn_default_step_ms"] = 1e3 * statistics.median(default_t)
+    row["egn_default_over_adam"] = row["egn_default_step_ms"] / row["adam_step_ms"]
     row["steps_timed"] = len(egn_t)
+    print(
+        f"  default egn step {row['egn_default_step_ms']:.2f} ms "
+        f"({row['egn_default_over_adam']:.1f}x Adam)",
+        flush=True,
+    )
     print(
         f"  egn step {row['egn_step_ms']:.2f} ms, adam step {row['adam_step_ms']:.3f} ms, "
         f"ratio {row['egn_over_adam']:.1f}, egn peak {row['egn_step_peak_bytes'] / 2**20:.1f} MiB",
@@ -265,7 +306,8 @@ def run_problem(p: Problem, steps: int, quick: bool) -> dict:
 def print_table(rows: list[dict]) -> None:
     head = (
         f"{'problem':<42} {'jacobian ms':>12} {'matvec ms':>11} {'struct ms':>10} "
-        f"{'jac/str':>8} {'EGN ms':>8} {'Adam ms':>8} {'EGN/Adam':>9} {'peak MiB':>9}"
+        f"{'jac/str':>8} {'EGN ms':>8} {'Adam ms':>8} {'EGN/Adam':>9} {'peak MiB':>9} "
+        f"{'default ms':>10} {'dflt/Adam':>9} {'1st EGN s':>9} {'1st Adam s':>10} {'ratio':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -280,8 +322,109 @@ def print_table(rows: list[dict]) -> None:
             f"{r['problem']:<42} {fmt(g.get('jacobian'), 12)} {fmt(g.get('matvec'), 11)} "
             f"{fmt(g.get('structured'), 10)} {fmt(ratio, 8)} {r['egn_step_ms']:>8.2f} "
             f"{r['adam_step_ms']:>8.3f} {r['egn_over_adam']:>9.1f} "
-            f"{r['egn_step_peak_bytes'] / 2**20:>9.1f}"
+            f"{r['egn_step_peak_bytes'] / 2**20:>9.1f} {r['egn_default_step_ms']:>10.2f} "
+            f"{r['egn_default_over_adam']:>9.1f} {r['egn_default_first_call_s']:>9.1f} "
+            f"{r['adam_first_call_s']:>10.1f} {r['compile_egn_over_adam']:>6.1f}"
         )
+
+
+# ------------------------------------------------------------------ parameter-space solve rows
+@dataclass(frozen=True)
+class SmallProblem:
+    name: str
+    model: str  # "quad": linear in the z(z+1)/2 quadratic features of z inputs; "sine": MLP
+    width: int  # z for "quad"; hidden width for "sine" (three hidden layers)
+    batch: int
+
+
+def small_problems(quick: bool) -> list[SmallProblem]:
+    rows = [
+        SmallProblem("LQR quad features D=36 b=128", "quad", 8, 128),
+        SmallProblem("LQR quad features D=105 b=256", "quad", 14, 256),
+    ]
+    if quick:
+        return rows
+    return [
+        rows[0],
+        SmallProblem("LQR quad features D=36 b=256", "quad", 8, 256),
+        SmallProblem("LQR quad features D=105 b=128", "quad", 14, 128),
+        rows[1],
+        SmallProblem("sine MLP 1-20-20-20-1 D=901 b=1000", "sine", 20, 1000),
+    ]
+
+
+def small_model(p: SmallProblem, key):
+    kp, kx = jax.random.split(key)
+    if p.model == "quad":
+        iu = np.triu_indices(p.width)
+
+        def fn(w, x):
+            return ((x[:, :, None] * x[:, None, :])[:, iu[0], iu[1]]) @ w
+
+        params = jax.random.normal(kp, (len(iu[0]),)) / np.sqrt(len(iu[0]))
+        x = jax.random.normal(kx, (p.batch, p.width))
+        y = jnp.sum(x[:, :2] ** 2, axis=1) - x[:, 0] * x[:, -1]
+        return fn, params, x, y
+    params = init_mlp(kp, (1, p.width, p.width, p.width, 1))
+    x = jax.random.uniform(kx, (p.batch, 1), minval=-np.pi, maxval=np.pi)
+    fn = mlp_fn("tanh")
+    return (lambda q, x: fn(q, x)[:, 0]), params, x, jnp.sin(x[:, 0])
+
+
+def run_small(p: SmallProblem, steps: int) -> dict:
+    """Plain LM step (constant λ, no line search, squared error) with either solve."""
+    fn, params, x, y = small_model(p, jax.random.PRNGKey(0))
+    lam = 1e-3
+    lo = gn.get_loss("squared_error")
+
+    @jax.jit
+    def row_step(params, x, y):
+        d, _ = gn.egn_direction(fn, params, x, y, loss="squared_error", damping=lam)
+        return jax.tree_util.tree_map(jnp.add, params, d)
+
+    @jax.jit
+    def param_step(params, x, y):
+        f = as_2d(fn)(params, x)
+        g = lo.grad(f, lo.prepare_labels(f, y))
+        d = param_space_direction(fn, params, x, g, None, lam)
+        return jax.tree_util.tree_map(jnp.add, params, d)
+
+    d_params = int(sum(a.size for a in jax.tree_util.tree_leaves(params)))
+    out = {"problem": p.name, "params": d_params, "rows": p.batch}
+    out["row_first_call_s"] = first_call_s(row_step, params, x, y)
+    out["param_first_call_s"] = first_call_s(param_step, params, x, y)
+    a, b = row_step(params, x, y), param_step(params, x, y)
+    flat = lambda t: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(t)])  # noqa: E731
+    step_a = flat(a) - flat(params)
+    out["rel_diff_float32"] = float(np.linalg.norm(flat(a) - flat(b)) / np.linalg.norm(step_a))
+    rt, pt = [], []
+    for _ in range(4):
+        rt += timed(row_step, params, x, y, reps=max(1, steps // 4), budget_s=1e9)
+        pt += timed(param_step, params, x, y, reps=max(1, steps // 4), budget_s=1e9)
+    out["row_step_ms"] = 1e3 * statistics.median(rt)
+    out["param_step_ms"] = 1e3 * statistics.median(pt)
+    out["choose_space"] = choose_space(d_params, p.batch)
+    print(
+        f"  {p.name}: row {out['row_step_ms']:.2f} ms, param {out['param_step_ms']:.2f} ms, "
+        f"choose_space -> {out['choose_space']}, rel diff {out['rel_diff_float32']:.1e}, "
+        f"first call row {out['row_first_call_s']:.1f} s / param {out['param_first_call_s']:.1f} s",
+        flush=True,
+    )
+    return out
+
+
+def blas_info() -> list[dict]:
+    """The BLAS libraries loaded in this process and their threads (threadpoolctl, if installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keys = ("internal_api", "prefix", "filepath", "version", "num_threads", "architecture")
+    return [{k: i.get(k) for k in keys} for i in threadpool_info()]
+
+
+def selected(name: str, only: str | None) -> bool:
+    return only is None or any(part in name for part in only.split("|"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,17 +432,50 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="two small problems (smoke run)")
     ap.add_argument("--out", default=None, help="write the rows as JSON to this file")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (>= 20)")
-    ap.add_argument("--only", default=None, help="run only problems whose name contains this")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="run only problems whose name contains this ('|' separates alternatives)",
+    )
+    ap.add_argument(
+        "--limit-blas",
+        action="store_true",
+        help="limit every BLAS to one thread first (threadpoolctl), as the old benchmark did",
+    )
+    ap.add_argument("--skip-gram", action="store_true", help="skip the Gram-strategy timings")
+    ap.add_argument("--skip-small", action="store_true", help="skip the parameter-space rows")
     args = ap.parse_args(argv)
-    blas_limited = limit_blas_threads()  # one OpenBLAS thread unless OPENBLAS_NUM_THREADS is set
+    if args.limit_blas:
+        import scipy.linalg.cython_lapack  # noqa: F401  (the OpenBLAS jaxlib's LAPACK calls)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+    blas_before = blas_info()
     rows = []
     for p in problems(args.quick):
-        if args.only and args.only not in p.name:
+        if not selected(p.name, args.only):
             continue
         print(p.name, flush=True)
-        rows.append(run_problem(p, args.steps, args.quick))
+        rows.append(run_problem(p, args.steps, args.quick, args.skip_gram))
+    small = []
+    for p in [] if args.skip_small else small_problems(args.quick):
+        if not selected(p.name, args.only):
+            continue
+        small.append(run_small(p, args.steps))
     print()
-    print_table(rows)
+    if rows:
+        print_table(rows)
+    if small:
+        print(f"\n{'problem':<40} {'D':>5} {'rows':>5} {'row ms':>8} {'param ms':>9} {'auto':>6}")
+        for r in small:
+            print(
+                f"{r['problem']:<40} {r['params']:>5} {r['rows']:>5} {r['row_step_ms']:>8.2f} "
+                f"{r['param_step_ms']:>9.2f} {r['choose_space']:>6}"
+            )
+    blas_after = blas_info()
+    print(f"\nsolve backend: {linalg.get_backend()}")
+    for i in blas_after:
+        print(f"BLAS {i['prefix']} {i['version']} {i['architecture']}: {i['num_threads']} threads")
     by_name = {r["problem"]: r for r in rows}
     sampled = by_name.get("cls 784-256-256-1000 b=128 CE sampled m=1")
     same_se = by_name.get("reg 784-256-256-1000 b=128 SE sampled m=1 (same model)")
@@ -315,14 +491,17 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
-        "blas_threads_limited_to_1": blas_limited,
+        "blas_threads_limited_to_1": bool(args.limit_blas),
+        "solve_backend": linalg.get_backend(),
+        "blas_before": blas_before,
+        "blas_after": blas_after,
         "devices": [str(d) for d in jax.devices()],
         "machine": platform.platform(),
         "x64": bool(jax.config.read("jax_enable_x64")),
     }
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+            json.dump({"meta": meta, "rows": rows, "small": small}, fh, indent=2)
         print(f"\nwrote {args.out}")
 
 

@@ -1,13 +1,29 @@
-"""Row-space solves: the padded Cholesky against a dense float64 solve."""
+"""Row-space solves against a dense float64 solve, for both backends; the BLAS thread policy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gaussnewton.linalg import num_tiles, padded_size, solve_damped_spd, solve_tiled_spd
+import gaussnewton as gn
+from gaussnewton import linalg
+from gaussnewton.linalg import (
+    cholesky_inverse,
+    num_tiles,
+    padded_size,
+    solve_damped_spd,
+    solve_tiled_spd,
+)
+
+
+@pytest.fixture(params=linalg.BACKENDS)
+def backend(request):
+    """Run a test under each solve backend (read at trace time), restoring the default after."""
+    old = linalg.set_backend(request.param)
+    yield request.param
+    linalg.set_backend(old)
 
 
 @given(n=st.integers(1, 5000))
@@ -20,12 +36,28 @@ def test_padded_size(n):
         assert m >= n and m - n <= 15 and m % 8 == 0 and (m // 8) % 2 == 1
 
 
-_solve = jax.jit(solve_damped_spd)
+def _solve(a, shift, rhs):
+    # jit per backend: the backend is read when the function is traced
+    return _jitted[linalg.get_backend()](a, shift, rhs)
 
 
-@settings(max_examples=8, deadline=None)
+# one jit per backend, each around its OWN function object: jax caches traces per function, and
+# the backend is a trace-time setting, so a shared function would keep the first backend traced
+_jitted = {name: jax.jit(lambda a, s, r: solve_damped_spd(a, s, r)) for name in linalg.BACKENDS}
+
+
+def test_each_backend_lowers_as_documented(backend):
+    """native: no custom call; lapack: jaxlib's LAPACK potrf (the jit above really is per backend)."""
+    text = _jitted[backend].lower(jnp.eye(70), 1.0, jnp.ones(70)).as_text()
+    assert ("lapack_" in text) == (backend == "lapack")
+    assert ("custom_call" in text) == (backend == "lapack")
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(n=st.sampled_from([1, 7, 63, 64, 72, 100, 128, 136]), r=st.sampled_from([0, 1, 3]))
-def test_solve_matches_dense(n, r):
+def test_solve_matches_dense(backend, n, r):
     """(A + sI) x = rhs to 1e-10 relative (float64; cond <= ~1e3 here) for every padding case,
     vector (r = 0) or matrix right-hand sides; only one triangle of A is read."""
     rng = np.random.default_rng(n + 10 * r)
@@ -43,7 +75,7 @@ def test_solve_matches_dense(n, r):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_solve_keeps_dtype(dtype):
+def test_solve_keeps_dtype(backend, dtype):
     a = jnp.eye(70, dtype=dtype) * 2.0
     x = _solve(a, jnp.asarray(1.0, dtype), jnp.ones(70, dtype))
     assert x.dtype == dtype
@@ -52,7 +84,7 @@ def test_solve_keeps_dtype(dtype):
 
 @pytest.mark.parametrize("sizes", [(5,), (3, 4), (4, 1, 6), (2, 3, 3, 5)])
 @pytest.mark.parametrize("r", [0, 2])
-def test_tiled_solve_matches_dense(sizes, r):
+def test_tiled_solve_matches_dense(backend, sizes, r):
     """The tile Cholesky equals a dense float64 solve to 1e-10 (cond <= ~1e2 here) for uneven tiles
     and vector / matrix right-hand sides; only the lower tiles are requested, each once."""
     n = sum(sizes)
@@ -77,3 +109,76 @@ def test_num_tiles():
     assert [num_tiles(n) for n in (1, 128, 431, 433, 512, 1152)] == [1, 1, 1, 2, 2, 4]
     assert num_tiles(10, tile_rows=3) == 3
     assert num_tiles(10**6) == num_tiles(100, tile_rows=1) == 8  # capped: compile time
+
+
+@pytest.mark.parametrize("n", [1, 9, 161, 250])
+def test_cholesky_inverse_matches_numpy(n):
+    """L equals numpy's Cholesky and L⁻¹ L = I to 1e-10 (float64, cond <= ~1e2), for one leaf and
+    for the recursive split (n > LEAF_ROWS = 160); only the lower triangle is read."""
+    rng = np.random.default_rng(n)
+    g = rng.standard_normal((n, n + 4))
+    a = g @ g.T / n + 0.1 * np.eye(n)
+    low, inv = cholesky_inverse(jnp.asarray(a + np.triu(rng.standard_normal((n, n)), 1)))
+    ref = np.linalg.cholesky(a)
+    np.testing.assert_allclose(low, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(inv) @ ref, np.eye(n), rtol=0, atol=1e-10)
+    assert np.all(np.triu(np.asarray(low), 1) == 0) and np.all(np.triu(np.asarray(inv), 1) == 0)
+
+
+def test_cholesky_inverse_not_pd_is_nan():
+    low, _ = cholesky_inverse(jnp.array([[1.0, 2.0], [2.0, 1.0]]))
+    assert not np.all(np.isfinite(np.asarray(low)))
+
+
+def test_backend_choice_errors():
+    with pytest.raises(ValueError, match="backend='mkl' is unknown"):
+        linalg.set_backend("mkl")
+
+
+def _egn_step():
+    fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]  # noqa: E731
+    p = {"w1": jnp.full((3, 40), 0.1), "w2": jnp.full((40, 2), 0.1)}
+    x, y = jnp.linspace(-1, 1, 600).reshape(200, 3), jnp.zeros((200,), jnp.int32)
+    opt = gn.egn(fn, loss="softmax_cross_entropy")  # the default step: Armijo + adaptive damping
+    return jax.jit(opt.step), (p, opt.init(p), x, y)
+
+
+def test_native_step_calls_no_lapack():
+    """With the default backend the compiled EGN step contains no LAPACK custom call, so scipy's
+    OpenBLAS (which jaxlib's LAPACK kernels use) is never entered from the library."""
+    step, args = _egn_step()
+    assert linalg.get_backend() == "native"
+    hlo = step.lower(*args).as_text()
+    assert "lapack_" not in hlo and "custom_call" not in hlo
+
+
+def test_user_numpy_unchanged_by_a_step():
+    """numpy (and scipy) results are bitwise identical, and every BLAS thread pool keeps its size,
+    after importing gaussnewton and running the default EGN step."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg
+
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((300, 300))
+    spd = m @ m.T + 300 * np.eye(300)
+
+    def user_work():
+        return (
+            m @ m,
+            np.linalg.solve(spd, m),
+            np.linalg.cholesky(spd),
+            scipy.linalg.cho_factor(spd),
+        )
+
+    def pools():
+        return sorted((i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info())
+
+    before, threads_before = user_work(), pools()
+    step, args = _egn_step()
+    jax.block_until_ready(step(*args))
+    after, threads_after = user_work(), pools()
+    assert threads_after == threads_before
+    for u, v in zip(
+        jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after), strict=True
+    ):
+        assert np.array_equal(u, v)
