@@ -98,3 +98,28 @@ def test_choose_space_examples_and_errors():
     assert choose_space(100, 10**6, max_entries=1e6) == "row"  # J would not fit
     with pytest.raises(ValueError, match="num_rows=0 must be an integer >= 1"):
         choose_space(10, 0)
+
+
+IU = np.triu_indices(5)
+
+
+def _quadratic_q(p, z):
+    """LQR-style Q-function ``zᵀHz`` linear in the upper triangle of a symmetric ``H`` (D = 15)."""
+    hm = jnp.zeros((5, 5), p["upper"].dtype).at[IU].set(p["upper"])
+    hm = hm + hm.T - jnp.diag(jnp.diag(hm))
+    return jnp.einsum("bi,ij,bj->b", z, hm, z)
+
+
+def test_solver_auto_takes_the_parameter_space_and_equals_the_row_space():
+    """D = 15 parameters, b = 64 rows: ``solver="auto"`` picks the D x D parameter-space Cholesky
+    and its direction equals the row-space one (float64, 1e-8)."""
+    params = {"upper": jax.random.normal(jax.random.key(0), (15,))}
+    z = jax.random.normal(jax.random.key(1), (64, 5))
+    y = jax.random.normal(jax.random.key(2), (64,))
+    assert choose_space(15, 64) == "param"
+    kw = dict(loss="squared_error", damping=1e-4)
+    d_auto, _ = gn.egn_direction(_quadratic_q, params, z, y, solver="auto", **kw)
+    d_param, _ = gn.egn_direction(_quadratic_q, params, z, y, solver="param", **kw)
+    d_row, _ = gn.egn_direction(_quadratic_q, params, z, y, solver="cholesky", **kw)
+    assert rel_err(flat(d_auto), flat(d_row)) < 1e-8
+    np.testing.assert_array_equal(flat(d_auto), flat(d_param))  # auto took the parameter space

@@ -94,7 +94,15 @@ def test_per_token_sampled_direction_is_exact_for_its_factor():
     y = _labels(loss, c, jax.random.key(5))
     key = jax.random.key(7)
     d, _ = gn.egn_direction(
-        seq_model, params, x, y, loss=loss, damping=1e-2, curvature="sampled", num_samples=m, key=key
+        seq_model,
+        params,
+        x,
+        y,
+        loss=loss,
+        damping=1e-2,
+        curvature="sampled",
+        num_samples=m,
+        key=key,
     )
     lobj = gn.get_loss(loss)
     f = seq_model(params, x)

@@ -22,7 +22,10 @@ X, Y = jnp.ones((4, 3)), jnp.zeros(4)
     [
         ({"learning_rate": 1e39}, "overflows float32"),
         ({"damping": 1e39}, "overflows float32"),
-        ({"learning_rate": lambda count: -1.0}, r"learning_rate\(0\) = -1.0 must be finite and > 0"),
+        (
+            {"learning_rate": lambda count: -1.0},
+            r"learning_rate\(0\) = -1.0 must be finite and > 0",
+        ),
         ({"learning_rate": lambda count: jnp.nan}, r"learning_rate\(0\) = nan"),
         ({"learning_rate": optax.constant_schedule(-0.5)}, "learning_rate"),
         (
@@ -49,9 +52,7 @@ def test_egn_direction_refuses_bad_damping(damping):
 
 def test_egn_direction_refuses_zero_damping_for_curved_losses():
     with pytest.raises(ValueError, match="damping=0"):
-        gn.egn_direction(
-            FN, P, X, jnp.zeros(4), loss="sigmoid_binary_cross_entropy", damping=0.0
-        )
+        gn.egn_direction(FN, P, X, jnp.zeros(4), loss="sigmoid_binary_cross_entropy", damping=0.0)
 
 
 def test_integer_parameter_leaf_refused_clearly():

@@ -36,19 +36,22 @@ import jax
 import jax.numpy as jnp
 
 from gaussnewton import _validate as v
-from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
+from gaussnewton._tree import compute_dtype, tree_norm, tree_size, tree_vdot
 from gaussnewton.cg import row_space_cg
-from gaussnewton.gram import as_2d, gram_factors
+from gaussnewton.gram import as_2d, batch_coupling, gram_factors
 from gaussnewton.linalg import num_tiles, solve_tiled_spd
 from gaussnewton.linearization import linearize, with_output_axis
 from gaussnewton.losses import Loss, LossLike, expand, get_loss, project
+from gaussnewton.param_space import choose_space, param_space_direction
 
 PyTree = Any
 
 __all__ = ["egn_direction", "DirectionInfo", "CURVATURES", "SOLVERS"]
 
 CURVATURES = ("exact", "sampled")
-SOLVERS = ("cholesky", "cg")
+#: "auto": the cheaper exact space (param_space.choose_space); "cholesky": the row space;
+#: "param": the D x D parameter space; "cg": matrix-free row-space CG
+SOLVERS = ("auto", "cholesky", "param", "cg")
 
 
 class DirectionInfo(NamedTuple):
@@ -73,6 +76,7 @@ class _Linearization(NamedTuple):
     cg_residual: jax.Array | float = 0.0  # solver="cg" only: row-space residual max-norm
     labels_ok: jax.Array | bool = True  # the labels passed the loss's checks (traced)
     identity_scale: float = 1.0  # q of Q = q I when identity (1/T for unweighted tokens)
+    quad_direction: jax.Array | None = None  # ½ dᵀHd from row-space quantities (no JVP)
 
 
 def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
@@ -199,6 +203,22 @@ def linearize_and_solve(
     blam = b * lam
     flat_fn = _flat_outputs(fn)
     q = loss.identity_scale(f, lin.labels) if curvature == "exact" else None
+    if solver in ("auto", "param"):
+        s = (
+            None
+            if q is not None
+            else _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)
+        )
+        if _parameter_space(solver, fn, params, x, f, s):
+            # d = −(AᵀA/b + λI)⁻¹ ∇L by a D x D Cholesky (A = SᵀJ; Q = I for 2-D squared error)
+            grad = lin.grad()
+            direction = param_space_direction(fn, params, x, g, s, lam, grad)
+            if s is None:
+                empty = jnp.zeros(f.shape + (0,), f.dtype)
+                return _Linearization(
+                    lin.loss, grad, direction, empty, True, labels_ok=lin.labels_ok
+                )
+            return _Linearization(lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok)
 
     if q is not None:  # Q = q I: (qK + bλI) u = g, i.e. (K + (bλ/q) I) u = g / q
         u = _gram_solve(
@@ -209,8 +229,17 @@ def linearize_and_solve(
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
         direction = jax.tree_util.tree_map(lambda a: a[1], both)
         empty = jnp.zeros(f.shape + (0,), f.dtype)
+        # J d = −K u = (bλu − g)/q since (qK + bλI) u = g: ½ dᵀHd = ‖bλu − g‖² / (2 q b), no JVP
+        jd = blam * u - g.reshape(b, -1).astype(dt)
         return _Linearization(
-            lin.loss, grad, direction, empty, True, labels_ok=lin.labels_ok, identity_scale=q
+            lin.loss,
+            grad,
+            direction,
+            empty,
+            True,
+            labels_ok=lin.labels_ok,
+            identity_scale=q,
+            quad_direction=0.5 * jnp.sum(jnp.square(jd)) / (q * b),
         )
 
     s = _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)  # (b, *tok, c, r)
@@ -232,7 +261,11 @@ def linearize_and_solve(
         v = _gram_solve(projected, params, s_fixed, gram_strategy, blam, w)
         cot = (g.astype(dt) / b - expand(sd, v.reshape((b,) + tok_r))) / lam
         direction = lin.vjp(-cot.astype(f.dtype))
-        return _Linearization(lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok)
+        # Sᵀ J d = −b v since (SᵀKS + bλI) v = SᵀJ∇L: ½ dᵀHd = b ‖v‖² / 2, no JVP
+        quad_d = 0.5 * b * jnp.sum(jnp.square(v))
+        return _Linearization(
+            lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok, quad_direction=quad_d
+        )
 
     # range form: g = S t + r per token (r = 0 where g ∈ range(S)); the part S t needs no 1/λ:
     #   d = −Jᵀ S (SᵀKS + bλI)⁻¹ t  −  (1/λ) Jᵀ(r/b − S v_r),  v_r = (SᵀKS + bλI)⁻¹ SᵀJJᵀ r / b
@@ -248,7 +281,39 @@ def linearize_and_solve(
     v_t, v_r = (v[..., i].reshape((b,) + tok_r) for i in range(2))
     cot = expand(sd, v_t) + (r.astype(dt) / b - expand(sd, v_r)) / lam
     direction = lin.vjp(-cot.astype(f.dtype))
-    return _Linearization(lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok)
+    # Sᵀ J d = bλ v_t − t − b v_r (from M v_t = t, M v_r = SᵀJJᵀr/b): ½ dᵀHd without a JVP
+    sjd = blam * v_t - t.astype(dt) - b * v_r
+    quad_d = 0.5 * jnp.sum(jnp.square(sjd)) / b
+    return _Linearization(
+        lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok, quad_direction=quad_d
+    )
+
+
+def _parameter_space(solver, fn, params, x, f, s) -> bool:
+    """Whether to solve in the ``D x D`` parameter space (static: shapes and the model's jaxpr).
+
+    ``solver="auto"`` takes it when :func:`~gaussnewton.param_space.choose_space` says it is
+    cheaper (``D`` well below the row-space size ``b·r``) and the examples are independent
+    (the per-example Jacobians of a batch-coupled model are not rows of the batch Jacobian).
+    """
+    if f.ndim != 2:
+        if solver == "param":
+            raise ValueError(
+                "solver='param' takes (b, c) outputs; use solver='cholesky' for per-token outputs."
+            )
+        return False
+    if solver == "param":
+        coupling = batch_coupling(fn, params, x)
+        if coupling.coupled:
+            raise ValueError(
+                "solver='param' forms per-example Jacobians, but this model couples the examples "
+                f"of a batch ({coupling.summary()}); use solver='auto' or 'cholesky'."
+            )
+        return True
+    rows = f.shape[0] * (f.shape[1] if s is None else s.shape[-1])
+    if choose_space(tree_size(params), rows) != "param":
+        return False
+    return not batch_coupling(fn, params, x).coupled
 
 
 def _range_coefficients(loss: Loss, f, labels):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import optax
 
 from gaussnewton import _validate as v
 from gaussnewton._family import assemble, check_common, check_int
-from gaussnewton._tree import tree_zeros_like
+from gaussnewton._tree import tree_vdot, tree_zeros_like
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.directions import CURVATURES, SOLVERS, linearize_and_solve
 from gaussnewton.gram import STRATEGIES
@@ -38,7 +39,7 @@ def egn(
     gram: str = "auto",
     curvature: str = "exact",
     num_samples: int = 1,
-    solver: str = "cholesky",
+    solver: str = "auto",
     max_cg_iters: int | None = None,
     cg_tol: float = 1e-6,
     cg_warm_start: bool = True,
@@ -71,7 +72,10 @@ def egn(
             (see above).
         gram: Gram strategy (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"`` when available).
         curvature: ``"exact"`` or ``"sampled"`` (``num_samples`` Monte-Carlo columns per example).
-        solver: ``"cholesky"`` (formed Gram, default) or ``"cg"``: row-space CG with matrix-free
+        solver: ``"auto"`` (default: the cheaper exact space — the ``D x D`` parameter-space
+            Cholesky when ``D`` is well below the row-space size and the examples are independent,
+            else the row space; :func:`gaussnewton.param_space.choose_space`), ``"cholesky"``
+            (row space, formed Gram), ``"param"`` (parameter space) or ``"cg"``: row-space CG with matrix-free
             ``K v`` products (METHODS §4.1), at most ``max_cg_iters`` iterations (``None``: the
             row-space dimension) until the residual max-norm is ``<= cg_tol``; with
             ``cg_warm_start`` it starts from the previous step's direction mapped to the row space
@@ -105,6 +109,8 @@ def egn(
         check_int("max_cg_iters", max_cg_iters)
     v.check_number("cg_tol", cg_tol, strict=False, hint="e.g. cg_tol=1e-6.")
     warm = solver == "cg" and bool(cg_warm_start)
+    # the applied update is α d exactly: the gain-ratio model comes from the solve (no extra JVP)
+    free_quad = solver in ("auto", "cholesky") and not momentum and tx is None
 
     def direction_fn(model, params, x, y, lam, key, method_state):
         # batch → outputs, loss, g, S → Gram (or K v) → row-space solve → one VJP back
@@ -125,7 +131,10 @@ def egn(
             cg_tol=cg_tol,
             warm_start=method_state if warm else None,
         )
-        quad = quad_from_factor(fn, params, x, lin.factor, lin.identity, lin.identity_scale)
+        if free_quad and lin.quad_direction is not None:
+            quad = _scaled_quad(lin.direction, lin.quad_direction)
+        else:
+            quad = quad_from_factor(fn, params, x, lin.factor, lin.identity, lin.identity_scale)
         nxt = lin.direction if warm else ()
         return Linearization(
             lin.loss,
@@ -151,3 +160,14 @@ def egn(
         tx=tx,
         init_method_state=tree_zeros_like if warm else None,
     )
+
+
+def _scaled_quad(d, quad_d):
+    """``Δ ↦ ½ΔᵀHΔ`` for ``Δ = s d`` (the applied update of a plain step): ``s² · ½dᵀHd``."""
+
+    def quad(delta):
+        dd = tree_vdot(d, d)
+        s = jnp.where(dd > 0, tree_vdot(delta, d) / jnp.where(dd > 0, dd, 1.0), 0.0)
+        return s * s * quad_d
+
+    return quad

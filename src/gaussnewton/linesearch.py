@@ -112,10 +112,12 @@ class Armijo:
 
         def body(carry):
             alpha, _, trials = carry
-            alpha = self.shrink * alpha
+            alpha = jnp.where(trials > 0, self.shrink * alpha, alpha)
             return alpha, loss_at(alpha), trials + 1
 
-        first = (alpha0, loss_at(alpha0), jnp.asarray(1, jnp.int32))
+        # the first trial runs inside the loop too: one copy of the forward pass to compile
+        nan = jnp.full((), jnp.nan, jnp.result_type(loss0))
+        first = (alpha0, nan, jnp.asarray(0, jnp.int32))
         alpha, value, trials = jax.lax.while_loop(cond, body, first)
         accepted = passes(alpha, value)
         nxt = alpha
