@@ -121,14 +121,17 @@ def from_nnx(model: Any, *, wrt: Any = None) -> tuple[Callable | Model, Any, Cal
         ...     def __call__(self, x):
         ...         return self.drop(self.bn(self.lin(x)))[:, 0]
         >>> model_fn, params, combine = gn.from_nnx(Net(nnx.Rngs(0)))  # train mode
-        >>> model_fn.has_state
+        >>> model_fn.has_state  # initial_state: batch statistics + the dropout stream
         True
-        >>> opt = gn.egn(model_fn, loss="squared_error")
-        >>> state = opt.init(params)  # state.model_state: batch statistics + dropout stream
-        >>> x, y = jnp.ones((8, 3)), jnp.zeros(8)
-        >>> params, state, info = opt.step(params, state, x, y)
-        >>> trained = combine(params, state.model_state)
-        >>> trained.eval()  # running statistics from training, no dropout
+        >>> x = jnp.arange(24.0).reshape(8, 3)
+        >>> f, new_state = model_fn.apply(params, x, model_fn.initial_state)
+        >>> f.shape
+        (8,)
+        >>> # training: opt = gn.egn(model_fn, loss=...); opt.step(...) keeps opt_state.model_state
+        >>> trained = combine(params, new_state)
+        >>> trained.eval()  # running statistics, no dropout
+        >>> trained(x).shape
+        (8,)
     """
     try:
         from flax import nnx
@@ -226,12 +229,13 @@ def from_equinox(
         ...         return h[0], state
         >>> net, bn_state = eqx.nn.make_with_state(Net)(jax.random.key(0))
         >>> model_fn, params, combine = gn.from_equinox(net, bn_state)
-        >>> opt = gn.egn(model_fn, loss="squared_error")
-        >>> state = opt.init(params)
-        >>> x, y = jnp.ones((8, 3)), jnp.zeros(8)
-        >>> params, state, info = opt.step(params, state, x, y)
-        >>> trained, bn_state = combine(params, state.model_state)
-        >>> trained = eqx.nn.inference_mode(trained)
+        >>> x = jnp.arange(24.0).reshape(8, 3)
+        >>> f, new_state = model_fn.apply(params, x, model_fn.initial_state)
+        >>> f.shape
+        (8,)
+        >>> # training: opt = gn.egn(model_fn, loss=...); opt.step(...) keeps opt_state.model_state
+        >>> trained, bn_state = combine(params, new_state)
+        >>> trained = eqx.nn.inference_mode(trained)  # running statistics
     """
     try:
         import equinox as eqx
