@@ -5,8 +5,9 @@ Gauss-Newton matrix, solved exactly in the small row space — with Armijo line 
 damping and momentum. See ``METHODS.md`` for the mathematics.
 """
 
+from gaussnewton._family import make_method
 from gaussnewton.adapters import from_equinox, from_nnx
-from gaussnewton.damping import AdaptiveDamping
+from gaussnewton.damping import AdaptiveDamping, ConstantDamping, DampingPolicy
 from gaussnewton.directions import DirectionInfo, egn_direction
 from gaussnewton.dual import dual_gn, dual_gn_transform
 from gaussnewton.egn import egn
@@ -15,7 +16,7 @@ from gaussnewton.gram.structured import explain as explain_gram
 from gaussnewton.gram_gauss_newton import gram_gauss_newton
 from gaussnewton.ignd import ignd
 from gaussnewton.linearization import BatchLinearization, linearize
-from gaussnewton.linesearch import Armijo
+from gaussnewton.linesearch import Armijo, LineSearch, LineSearchResult
 from gaussnewton.losses import (
     ConvexLoss,
     Loss,
@@ -26,7 +27,7 @@ from gaussnewton.losses import (
 )
 from gaussnewton.model import Model
 from gaussnewton.optax_bridge import as_optax
-from gaussnewton.optimizer import GaussNewtonOptimizer, GaussNewtonState, StepInfo
+from gaussnewton.optimizer import Direction, GaussNewtonOptimizer, GaussNewtonState, StepInfo
 from gaussnewton.sgn import sgn
 from gaussnewton.sqn import sqn
 
@@ -36,10 +37,15 @@ __all__ = [
     "AdaptiveDamping",
     "Armijo",
     "BatchLinearization",
+    "ConstantDamping",
     "ConvexLoss",
+    "DampingPolicy",
+    "Direction",
     "DirectionInfo",
     "GaussNewtonOptimizer",
     "GaussNewtonState",
+    "LineSearch",
+    "LineSearchResult",
     "Loss",
     "Model",
     "SigmoidBinaryCrossEntropy",
@@ -59,6 +65,7 @@ __all__ = [
     "gram_gauss_newton",
     "ignd",
     "linearize",
+    "make_method",
     "register_strategy",
     "sgn",
     "sqn",

@@ -10,29 +10,35 @@ from collections.abc import Callable
 from typing import Any
 
 from gaussnewton import _validate as v
-from gaussnewton.damping import AdaptiveDamping, _Fixed
+from gaussnewton.damping import AdaptiveDamping, ConstantDamping
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import Loss, get_loss
 from gaussnewton.optimizer import GaussNewtonOptimizer
 
-__all__ = ["check_common", "assemble", "check_int"]
+__all__ = ["check_common", "assemble", "check_int", "make_method"]
 
 
 def _policy(damping_policy, damping):
-    if damping_policy == "constant":
-        return _Fixed()
-    if damping_policy == "adaptive":
+    """The :class:`~gaussnewton.DampingPolicy` object of a ``damping_policy`` argument."""
+    if isinstance(damping_policy, str) and damping_policy == "constant":
+        return ConstantDamping()
+    if isinstance(damping_policy, str) and damping_policy == "adaptive":
         policy = AdaptiveDamping()
-    elif isinstance(damping_policy, AdaptiveDamping):
+    elif hasattr(damping_policy, "update") and hasattr(damping_policy, "on_rejected"):
+        if not isinstance(getattr(damping_policy, "uses_gain_ratio", None), bool):
+            raise TypeError(
+                f"damping_policy={damping_policy!r} needs a boolean attribute uses_gain_ratio "
+                "(see gn.DampingPolicy)."
+            )
         policy = damping_policy
     elif callable(damping_policy):
-        return _Fixed()
+        return ConstantDamping()
     else:
         raise ValueError(
             f"damping_policy={damping_policy!r} is not supported; use 'constant', 'adaptive', "
-            "gn.AdaptiveDamping(...) or a schedule count -> λ."
+            "gn.AdaptiveDamping(...), a gn.DampingPolicy or a schedule count -> λ."
         )
-    if callable(damping):
+    if policy.uses_gain_ratio and callable(damping):
         raise ValueError(
             "damping_policy='adaptive' adapts λ itself: pass a number as damping (its start value), "
             "not a schedule."
@@ -42,6 +48,8 @@ def _policy(damping_policy, damping):
 
 def _line_search(line_search):
     if line_search is None or isinstance(line_search, Armijo):
+        return line_search
+    if hasattr(line_search, "search"):  # the gn.LineSearch protocol
         return line_search
     if line_search == "armijo":
         return Armijo()
@@ -99,7 +107,13 @@ def assemble(
 ) -> GaussNewtonOptimizer:
     """The :class:`GaussNewtonOptimizer` of a method (policies resolved as in :func:`egn`)."""
     policy = _policy(damping_policy, damping)
-    if callable(damping_policy) and not isinstance(damping_policy, AdaptiveDamping):
+    if callable(damping_policy) and not hasattr(damping_policy, "update"):
+        v.check_number(
+            "damping_policy",
+            damping_policy,
+            strict=not loss_obj.identity_curvature,
+            hint="a λ schedule must give λ > 0 (λ = 0 is allowed for squared error).",
+        )
         damping = damping_policy
     return GaussNewtonOptimizer(
         model_fn=model_fn,
@@ -112,5 +126,62 @@ def assemble(
         momentum=float(momentum),
         tx=tx,
         name=name,
+        init_method_state=init_method_state,
+    )
+
+
+def make_method(
+    name: str,
+    model_fn: Callable,
+    direction_fn: Callable,
+    *,
+    loss: Any,
+    learning_rate: Any = 1.0,
+    damping: Any = 1e-3,
+    damping_policy: Any = "adaptive",
+    line_search: Any = "armijo",
+    momentum: float = 0.0,
+    tx: Any = None,
+    init_method_state: Callable | None = None,
+) -> GaussNewtonOptimizer:
+    r"""A new method from public pieces: a direction function plus the family's step loop.
+
+    ``direction_fn(fn, params, x, y, λ, key, method_state) -> gn.Direction`` (see
+    :class:`~gaussnewton.Direction`; :func:`gaussnewton.linearize` gives the loss, ``g`` and the
+    VJP of the batch); the step size (``line_search``: ``None``, ``"armijo"`` or a
+    :class:`~gaussnewton.LineSearch`), the damping (``damping_policy``: ``"constant"``,
+    ``"adaptive"``, a schedule or a :class:`~gaussnewton.DampingPolicy`), momentum, ``tx`` and
+    the non-finite guard are the family's. Arguments are validated as in :func:`gaussnewton.egn`.
+
+    Example (a damped gradient method, ``d = −∇L / (1 + λ)``):
+        >>> import jax, jax.numpy as jnp
+        >>> import gaussnewton as gn
+        >>> def damped_gradient(fn, params, x, y, lam, key, state):
+        ...     lin = gn.linearize(fn, gn.get_loss("squared_error"), params, x, y)
+        ...     grad = lin.grad()
+        ...     d = jax.tree_util.tree_map(lambda g: -g / (1 + lam), grad)
+        ...     quad = lambda delta: 0.5 * lam * sum(jnp.vdot(u, u) for u in jax.tree_util.tree_leaves(delta))
+        ...     return gn.Direction(lin.loss, grad, d, quad, method_state=state, labels_ok=lin.labels_ok)
+        >>> opt = gn.make_method("damped_gd", lambda p, x: x @ p, damped_gradient,
+        ...                      loss="squared_error", damping_policy="constant", line_search=None)
+        >>> p, state, info = jax.jit(opt.step)(jnp.zeros(3), opt.init(jnp.zeros(3)), jnp.ones((4, 3)), jnp.ones(4))
+    """
+    v.check_callable(
+        "direction_fn",
+        direction_fn,
+        "direction_fn(fn, params, x, y, λ, key, state) -> gn.Direction",
+    )
+    loss_obj = check_common(model_fn, loss, learning_rate, damping, momentum, tx)
+    return assemble(
+        name,
+        model_fn,
+        loss_obj,
+        direction_fn,
+        learning_rate=learning_rate,
+        damping=damping,
+        damping_policy=damping_policy,
+        line_search=line_search,
+        momentum=momentum,
+        tx=tx,
         init_method_state=init_method_state,
     )

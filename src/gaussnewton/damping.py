@@ -18,11 +18,27 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["AdaptiveDamping", "gain_ratio"]
+__all__ = ["AdaptiveDamping", "ConstantDamping", "DampingPolicy", "gain_ratio"]
+
+
+class DampingPolicy(Protocol):
+    """The damping protocol: what the step loop asks of a λ policy.
+
+    ``uses_gain_ratio``: whether the step must compute ``ρ`` (one loss value, reused from the line
+    search, and the model's predicted decrease); ``update(λ, ρ)`` gives the next λ after an accepted
+    step; ``on_rejected(λ)`` the λ after a rejected (non-finite) step.
+    """
+
+    uses_gain_ratio: bool
+
+    def update(self, lam: jax.Array, rho: jax.Array) -> jax.Array: ...
+
+    def on_rejected(self, lam: jax.Array) -> jax.Array: ...
 
 
 def gain_ratio(actual: jax.Array, predicted: jax.Array) -> jax.Array:
@@ -41,6 +57,7 @@ class AdaptiveDamping:
     max: float = 1e8
     lower: float = 0.25
     upper: float = 0.75
+    uses_gain_ratio: ClassVar[bool] = True
 
     def __post_init__(self):
         if not self.increase > 1.0:
@@ -70,11 +87,16 @@ class AdaptiveDamping:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Fixed:
-    """Constant λ or an optax-style schedule ``count -> λ`` (no adaptation)."""
+class ConstantDamping:
+    """Constant λ or an optax-style schedule ``count -> λ`` (no adaptation, ``ρ`` not computed)."""
+
+    uses_gain_ratio: ClassVar[bool] = False
 
     def update(self, lam: jax.Array, rho: jax.Array) -> jax.Array:
         return lam
 
     def on_rejected(self, lam: jax.Array) -> jax.Array:
         return lam
+
+
+_Fixed = ConstantDamping  # the former private name

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gaussnewton import _validate as v
 from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
 from gaussnewton.cg import row_space_cg
 from gaussnewton.gram import as_2d, gram_factors
@@ -222,6 +223,13 @@ def egn_direction(
         :class:`DirectionInfo`.
     """
     loss_obj = get_loss(loss)
+    if not isinstance(damping, jax.core.Tracer):
+        v.check_number(
+            "damping",
+            damping,
+            strict=not loss_obj.identity_curvature or curvature == "sampled",
+            hint="λ must be > 0 for this loss (λ = 0 is allowed for squared error); e.g. 1e-3.",
+        )
     if curvature not in CURVATURES:
         raise ValueError(f"curvature={curvature!r} is unknown; use one of {CURVATURES}.")
     if solver not in SOLVERS:

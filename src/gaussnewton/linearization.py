@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gaussnewton import _validate as v
 from gaussnewton.gram import as_2d
 from gaussnewton.losses import Loss
 
@@ -82,6 +83,7 @@ def linearize(
     linearization (``jax.linearize``) and transposes it, so ``J v`` products need no new forward
     pass (SGN, row-space CG).
     """
+    v.check_params(params)
     fn2 = as_2d(fn)
     if mode == "vjp":
         f, vjp_fn = jax.vjp(lambda p: fn2(p, x), params)
@@ -99,6 +101,7 @@ def linearize(
 
     else:  # pragma: no cover - internal misuse
         raise ValueError(f"mode={mode!r}: use 'vjp' or 'linearize'.")
+    v.check_batch(x, f)
     labels = loss.prepare_labels(f, y)
     value = jnp.mean(loss.value(f, labels))
     g = loss.grad(f, labels)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Armijo", "LineSearchResult", "RESETS"]
+__all__ = ["Armijo", "LineSearch", "LineSearchResult", "RESETS"]
 
 RESETS = ("increase", "conservative", "goldstein", "restart")
 
@@ -38,6 +38,25 @@ class LineSearchResult(NamedTuple):
     trials: jax.Array  # forward passes used (int32)
     accepted: jax.Array  # whether the Armijo test passed (bool)
     next_step_size: jax.Array  # α_prev stored for the next step's reset
+
+
+class LineSearch(Protocol):
+    """The step-size protocol: ``search(loss_at, loss0, slope, prev, alpha_max)``.
+
+    ``loss_at(α) = L(w + α d)`` on the step's batch (one forward pass per call), ``loss0 = L(w)``,
+    ``slope = ∇Lᵀd``, ``prev`` the step size stored by the previous step, ``alpha_max`` the
+    learning rate of this step. Returns a :class:`LineSearchResult`; runs inside ``jit``.
+    ``None`` in place of a line search means the fixed step ``α = alpha_max``.
+    """
+
+    def search(
+        self,
+        loss_at: Callable[[jax.Array], jax.Array],
+        loss0: jax.Array,
+        slope: jax.Array,
+        prev: jax.Array,
+        alpha_max: jax.Array,
+    ) -> LineSearchResult: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,9 +31,10 @@ from gaussnewton._tree import (
     tree_vdot,
     tree_zeros_like,
 )
-from gaussnewton.damping import AdaptiveDamping, _Fixed, gain_ratio
+from gaussnewton._validate import check_params
+from gaussnewton.damping import DampingPolicy, gain_ratio
 from gaussnewton.gram import as_2d
-from gaussnewton.linesearch import Armijo
+from gaussnewton.linesearch import LineSearch
 from gaussnewton.losses import Loss
 from gaussnewton.model import Model, as_model
 
@@ -45,6 +46,8 @@ __all__ = [
     "StepInfo",
     "empty_info",
     "GaussNewtonOptimizer",
+    "Direction",
+    "DirectionFn",
     "Linearization",
 ]
 
@@ -93,8 +96,14 @@ class GaussNewtonState(NamedTuple):
     model_state: PyTree = None
 
 
-class Linearization(NamedTuple):
-    """What a direction function returns at the current point.
+class Direction(NamedTuple):
+    """What a direction function returns at the current point (the direction protocol).
+
+    A direction function is ``direction_fn(fn, params, x, y, λ, key, method_state) -> Direction``
+    where ``fn(params, x)`` is the model of this step (state and key bound), ``λ`` the damping of
+    this step and ``method_state`` the method's own state. ``loss`` and ``grad`` are ``L`` and
+    ``∇L`` at ``params``; ``direction`` is ``d`` (a pytree like ``params``; the step loop applies
+    momentum, ``tx``, the step size, the damping rule and the non-finite guard).
 
     ``quad(Δ)`` is the model curvature term ``½ Δᵀ H Δ`` used by the gain ratio. ``method_state``
     is the method's own state for the next step (e.g. a CG warm start or an L-BFGS history); it is
@@ -114,11 +123,11 @@ class Linearization(NamedTuple):
     labels_ok: jax.Array | bool = True
 
 
-# direction_fn(fn, params, x, y, λ, key, method_state) -> Linearization, where fn(params, x) is the
+Linearization = Direction  # the former name
+
+# direction_fn(fn, params, x, y, λ, key, method_state) -> Direction, where fn(params, x) is the
 # model of this step (state and key bound: the same function for the direction and every trial).
-DirectionFn = Callable[
-    [Callable, PyTree, PyTree, PyTree, jax.Array, jax.Array, PyTree], Linearization
-]
+DirectionFn = Callable[[Callable, PyTree, PyTree, PyTree, jax.Array, jax.Array, PyTree], Direction]
 
 
 def _raw_key(key: jax.Array | None) -> jax.Array:
@@ -146,8 +155,8 @@ class GaussNewtonOptimizer:
     direction_fn: DirectionFn
     learning_rate: float | Schedule
     damping: float | Schedule
-    damping_policy: AdaptiveDamping | _Fixed
-    line_search: Armijo | None
+    damping_policy: DampingPolicy
+    line_search: LineSearch | None
     momentum: float
     tx: optax.GradientTransformation | None
     name: str = "egn"
@@ -168,6 +177,7 @@ class GaussNewtonOptimizer:
         key. ``model_state`` is the first state of a stateful :class:`~gaussnewton.Model` (default
         its ``initial_state``).
         """
+        check_params(params)
         dt = jnp.result_type(
             jnp.float32, *(leaf.dtype for leaf in jax.tree_util.tree_leaves(params))
         )
@@ -275,7 +285,7 @@ class GaussNewtonOptimizer:
         return fn, model_state
 
     def _damping_now(self, state):
-        if isinstance(self.damping_policy, AdaptiveDamping) or not callable(self.damping):
+        if self.damping_policy.uses_gain_ratio or not callable(self.damping):
             return state.damping
         return jnp.asarray(self.damping(state.count), state.damping.dtype)
 
@@ -325,7 +335,7 @@ class GaussNewtonOptimizer:
 
     def _next_damping(self, lam, lin, delta, lin_decrease, loss_after):
         """ρ and the next λ (adaptive only; a fixed policy reports ρ = NaN)."""
-        if not isinstance(self.damping_policy, AdaptiveDamping):
+        if not self.damping_policy.uses_gain_ratio:
             return jnp.asarray(jnp.nan, lam.dtype), lam
         actual = (loss_after - lin.loss).astype(lam.dtype)
         predicted = (lin_decrease + lin.quad(delta)).astype(lam.dtype)
