@@ -99,7 +99,7 @@ def test_nnx_cnn_batchnorm_dropout_trains_and_keeps_statistics():
     assert isinstance(model_fn, gn.Model) and model_fn.has_state and not model_fn.needs_key
     state0 = model_fn.initial_state
     snapshot = _leaves(state0)
-    steps = 12
+    steps = 8
     history, infos = _train(model_fn, params, x, y, steps)
     _check_steps(infos)
     (p0, s0), (p1, s1), (pn, sn) = history[0], history[1], history[-1]
