@@ -28,6 +28,7 @@ from gaussnewton.losses import (
 from gaussnewton.model import Model
 from gaussnewton.optax_bridge import as_optax
 from gaussnewton.optimizer import Direction, GaussNewtonOptimizer, GaussNewtonState, StepInfo
+from gaussnewton.preconditioner import EGNPreconditionerState, egn_preconditioner
 from gaussnewton.sgn import sgn
 from gaussnewton.sqn import sqn
 
@@ -42,6 +43,7 @@ __all__ = [
     "DampingPolicy",
     "Direction",
     "DirectionInfo",
+    "EGNPreconditionerState",
     "GaussNewtonOptimizer",
     "GaussNewtonState",
     "LineSearch",
@@ -57,6 +59,7 @@ __all__ = [
     "dual_gn_transform",
     "egn",
     "egn_direction",
+    "egn_preconditioner",
     "empirical_ntk",
     "explain_gram",
     "from_equinox",

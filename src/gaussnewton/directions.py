@@ -41,7 +41,7 @@ from gaussnewton.cg import row_space_cg
 from gaussnewton.gram import as_2d, gram_factors
 from gaussnewton.linalg import num_tiles, solve_tiled_spd
 from gaussnewton.linearization import linearize
-from gaussnewton.losses import Loss, LossLike, get_loss
+from gaussnewton.losses import Loss, LossLike, expand, get_loss, project
 
 PyTree = Any
 
@@ -67,11 +67,12 @@ class _Linearization(NamedTuple):
     loss: jax.Array  # mean loss
     grad: PyTree  # ∇L
     direction: PyTree  # d (descent sign included)
-    factor: jax.Array  # S, (b, c, r): the curvature used, for the ρ model
-    identity: bool  # Q = I (S not materialized)
+    factor: jax.Array  # S, (b, *tok, c, r): the curvature used, for the ρ model
+    identity: bool  # Q = q I (S not materialized; q = identity_scale)
     cg_iters: jax.Array | int = 0  # solver="cg" only
     cg_residual: jax.Array | float = 0.0  # solver="cg" only: row-space residual max-norm
     labels_ok: jax.Array | bool = True  # the labels passed the loss's checks (traced)
+    identity_scale: float = 1.0  # q of Q = q I when identity (1/T for unweighted tokens)
 
 
 def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
@@ -86,13 +87,14 @@ def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
 
 
 def _gram_solve(fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array) -> jax.Array:
-    """``u = (K + shift I)⁻¹ rhs`` for the Gram ``K`` of ``fn`` on ``x``; ``rhs``, ``u``: ``(b, k)``.
+    """``u = (K + shift I)⁻¹ rhs`` for the Gram ``K`` of ``fn`` on ``x``; ``rhs``, ``u``: ``(b, k)``
+    (or ``(b, k, m)``: ``m`` right-hand sides, one factorization).
 
     The Gram is built tile by tile over example blocks of about ``TILE_ROWS / k`` examples from
     one set of per-example factors (:func:`gaussnewton.gram.gram_factors`) and solved by the tile
     Cholesky of :func:`gaussnewton.linalg.solve_tiled_spd`: only the lower tiles are formed.
     """
-    b, k = rhs.shape
+    b, k = rhs.shape[:2]
     factors, block = gram_factors(fn, params, x, strategy=strategy)
     nt = min(num_tiles(b * k), b)
     edges = [round(i * b / nt) for i in range(nt + 1)]
@@ -106,7 +108,28 @@ def _gram_solve(fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array) 
         t = block(parts[i]) if i == j else block(parts[i], parts[j])
         return t.reshape(sizes[i], sizes[j]).astype(rhs.dtype)
 
-    return solve_tiled_spd(tile, sizes, shift, rhs.reshape(b * k)).reshape(b, k)
+    flat = rhs.reshape((b * k,) + rhs.shape[2:])
+    return solve_tiled_spd(tile, sizes, shift, flat).reshape(rhs.shape)
+
+
+def _flat_outputs(fn):
+    """``fn`` with per-example outputs flattened to one axis: ``(n, *tok, c) -> (n, T·c)``."""
+
+    def flat(p, xx):
+        out = fn(p, xx)
+        return out.reshape(out.shape[0], -1)
+
+    return flat
+
+
+def _with_output_axis(fn):
+    """``(b,)`` outputs read as ``(b, 1)``; ``(b, c)`` and per-token ``(b, *tok, c)`` pass."""
+
+    def fn_b(p, xx):
+        out = fn(p, xx)
+        return out[:, None] if out.ndim == 1 else out
+
+    return fn_b
 
 
 def linearize_and_solve(
@@ -131,11 +154,12 @@ def linearize_and_solve(
     ``solver="cg"``: the same row-space system by CG with matrix-free ``K v`` products
     (:func:`gaussnewton.cg.row_space_cg`; ``warm_start`` is a previous direction or ``None``).
     """
-    fn = as_2d(model_fn)
-    identity = loss.identity_curvature and curvature == "exact"
+    fn = _with_output_axis(model_fn)
     if solver == "cg":
+        fn = as_2d(fn)  # row-space CG takes (b, c) outputs
         lin = linearize(fn, loss, params, x, y, mode="linearize")
         f = lin.outputs
+        identity = loss.identity_curvature and curvature == "exact"
         s = (
             None
             if identity
@@ -155,35 +179,71 @@ def linearize_and_solve(
         return _Linearization(
             lin.loss, grad, direction, s, identity, res.iters, res.residual_max, lin.labels_ok
         )
-    lin = linearize(fn, loss, params, x, y)
+    lin = linearize(fn, loss, params, x, y, tokens=True)
     f, g = lin.outputs, lin.g
     b = f.shape[0]
     dt = compute_dtype(f.dtype)
     lam = jnp.asarray(damping, dt)
     blam = b * lam
+    flat_fn = _flat_outputs(fn)
+    q = loss.identity_scale(f, lin.labels) if curvature == "exact" else None
 
-    if identity:
-        u = _gram_solve(fn, params, x, gram_strategy, blam, g.astype(dt))
-        cot = jnp.stack([g / b, -u.astype(f.dtype)])
+    if q is not None:  # Q = q I: (qK + bλI) u = g, i.e. (K + (bλ/q) I) u = g / q
+        u = _gram_solve(
+            flat_fn, params, x, gram_strategy, blam / q, g.reshape(b, -1).astype(dt) / q
+        )
+        cot = jnp.stack([g / b, -u.reshape(f.shape).astype(f.dtype)])
         both = jax.vmap(lin.vjp)(cot)
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
         direction = jax.tree_util.tree_map(lambda a: a[1], both)
-        empty = jnp.zeros((b, g.shape[1], 0), f.dtype)
-        return _Linearization(lin.loss, grad, direction, empty, True, labels_ok=lin.labels_ok)
+        empty = jnp.zeros(f.shape + (0,), f.dtype)
+        return _Linearization(
+            lin.loss, grad, direction, empty, True, labels_ok=lin.labels_ok, identity_scale=q
+        )
 
-    s = _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)  # (b, c, r)
-    grad = lin.grad()
-    _, jgrad = jax.jvp(lambda p: fn(p, x), (params,), (grad,))  # J ∇L, (b, c)
-    w = jnp.einsum("bcr,bc->br", s.astype(dt), jgrad.astype(dt))  # Sᵀ J ∇L
+    s = _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)  # (b, *tok, c, r)
+    sd = s.astype(dt)
+    tok_r = s.shape[1:-2] + s.shape[-1:]
 
-    def projected(p, xs):
+    def projected(p, xs):  # Sᵀ f, flattened: (n, T·r)
         xx, ss = xs
-        return jnp.einsum("bc,bcr->br", fn(p, xx), ss)
+        out = project(ss, fn(p, xx))
+        return out.reshape(out.shape[0], -1)
 
-    v = _gram_solve(projected, params, (x, jax.lax.stop_gradient(s)), gram_strategy, blam, w)
-    cot = (g.astype(dt) / b - jnp.einsum("bcr,br->bc", s.astype(dt), v)) / lam
+    s_fixed = (x, jax.lax.stop_gradient(s))
+    in_range = _range_coefficients(loss, f, lin.labels) if curvature == "exact" else None
+    if in_range is None:
+        # Woodbury: d = −(1/λ) Jᵀ(g/b − S v), v = (SᵀKS + bλI)⁻¹ SᵀJ∇L
+        grad = lin.grad()
+        _, jgrad = jax.jvp(lambda p: fn(p, x), (params,), (grad,))  # J ∇L
+        w = project(sd, jgrad.astype(dt)).reshape(b, -1)  # Sᵀ J ∇L
+        v = _gram_solve(projected, params, s_fixed, gram_strategy, blam, w)
+        cot = (g.astype(dt) / b - expand(sd, v.reshape((b,) + tok_r))) / lam
+        direction = lin.vjp(-cot.astype(f.dtype))
+        return _Linearization(lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok)
+
+    # range form: g = S t + r per token (r = 0 where g ∈ range(S)); the part S t needs no 1/λ:
+    #   d = −Jᵀ S (SᵀKS + bλI)⁻¹ t  −  (1/λ) Jᵀ(r/b − S v_r),  v_r = (SᵀKS + bλI)⁻¹ SᵀJJᵀ r / b
+    t, r = in_range
+    both = jax.vmap(lin.vjp)(jnp.stack([g / b, (r / b).astype(f.dtype)]))
+    grad = jax.tree_util.tree_map(lambda a: a[0], both)
+    grad_r = jax.tree_util.tree_map(lambda a: a[1], both)  # Jᵀ r / b
+    _, jgr = jax.jvp(lambda p: fn(p, x), (params,), (grad_r,))
+    rhs = jnp.stack(
+        [t.astype(dt).reshape(b, -1), project(sd, jgr.astype(dt)).reshape(b, -1)], axis=-1
+    )
+    v = _gram_solve(projected, params, s_fixed, gram_strategy, blam, rhs)
+    v_t, v_r = (v[..., i].reshape((b,) + tok_r) for i in range(2))
+    cot = expand(sd, v_t) + (r.astype(dt) / b - expand(sd, v_r)) / lam
     direction = lin.vjp(-cot.astype(f.dtype))
     return _Linearization(lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok)
+
+
+def _range_coefficients(loss: Loss, f, labels):
+    """``(t, r)`` with ``g = S t + r`` per token and ``r = 0`` where ``g ∈ range(S)``, or None
+    when the loss has no closed form (then the Woodbury form is used)."""
+    split = getattr(loss, "range_coefficients", None)
+    return None if split is None else split(f, labels)
 
 
 def egn_direction(

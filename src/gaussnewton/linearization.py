@@ -63,6 +63,14 @@ class BatchLinearization(NamedTuple):
         return self.vjp((self.g / self.batch_size).astype(self.outputs.dtype))
 
 
+def _with_output_axis(fn: Callable) -> Callable:
+    def fn_b(p, xx):
+        out = fn(p, xx)
+        return out[:, None] if out.ndim == 1 else out
+
+    return fn_b
+
+
 def _labels_ok(loss: Loss, f: jax.Array, y: Any) -> jax.Array:
     check = getattr(loss, "labels_valid", None)
     return jnp.asarray(True) if check is None else jnp.asarray(check(f, y), bool)
@@ -76,15 +84,17 @@ def linearize(
     y: Any,
     *,
     mode: Literal["vjp", "linearize"] = "vjp",
+    tokens: bool = False,
 ) -> BatchLinearization:
     """Outputs, loss, ``g`` and the linear maps of ``fn`` at ``params`` on ``(x, y)``.
 
     ``mode="vjp"`` stores the backward pass (``jax.vjp``); ``mode="linearize"`` stores the forward
     linearization (``jax.linearize``) and transposes it, so ``J v`` products need no new forward
-    pass (SGN, row-space CG).
+    pass (SGN, row-space CG). ``tokens=True`` keeps per-token outputs ``(b, *tok, c)`` (EGN);
+    otherwise outputs must be ``(b, c)`` or ``(b,)`` (read as ``(b, 1)``).
     """
     v.check_params(params)
-    fn2 = as_2d(fn)
+    fn2 = _with_output_axis(fn) if tokens else as_2d(fn)
     if mode == "vjp":
         f, vjp_fn = jax.vjp(lambda p: fn2(p, x), params)
         jvp_fn = None

@@ -1,8 +1,15 @@
-r"""An optax bridge: any Gauss-Newton optimizer as a ``GradientTransformationExtraArgs``.
+r"""An optax bridge: a whole Gauss-Newton method as a ``GradientTransformationExtraArgs``.
 
-The transform ignores the incoming gradient (the method computes its own from the batch) and
-returns ``updates = new_params − params``, so it composes with ``optax.chain`` (later links see the
-Gauss-Newton step) and with ``flax.nnx.Optimizer`` (pass ``x=..., y=...`` to ``update``).
+:func:`as_optax` wraps an optimizer (e.g. :func:`gaussnewton.egn`) that computes its OWN step from
+``params`` and the batch: the transform **ignores the incoming updates** and returns
+``updates = new_params − params`` (the full step, line search and damping rule included). So
+nothing placed *before* it in an ``optax.chain`` has any effect (clipping, weight decay, masking,
+``optax.MultiSteps`` accumulation are silently dropped — a chain like that is a mistake); later
+links see the Gauss-Newton step. It also works with ``flax.nnx.Optimizer`` (pass ``x=..., y=...``
+to ``update``).
+
+The composable form, which preconditions whatever update it receives, is
+:func:`gaussnewton.egn_preconditioner`.
 
 Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -38,9 +45,14 @@ class GaussNewtonTransformState(NamedTuple):
 def as_optax(
     optimizer: GaussNewtonOptimizer, key: jax.Array | None = None
 ) -> optax.GradientTransformationExtraArgs:
-    """Wrap ``optimizer`` (e.g. :func:`gaussnewton.egn`) as an optax transform.
+    """Wrap ``optimizer`` (e.g. :func:`gaussnewton.egn`) as an optax transform: an exact LM step.
 
-    ``update(updates, state, params, *, x, y, key=None)`` needs ``params`` and the batch ``(x, y)``.
+    ``update(updates, state, params, *, x, y, key=None)`` needs ``params`` and the batch ``(x, y)``
+    and returns ``optimizer.step(params, ...)[0] − params``. The incoming ``updates`` are IGNORED
+    (only their presence is required by optax's API): transforms chained before this one have no
+    effect, and it must not be used inside ``optax.masked`` / ``multi_transform`` /
+    ``MultiSteps``. To precondition the incoming update instead (and compose freely), use
+    :func:`gaussnewton.egn_preconditioner`.
     """
 
     def init_fn(params: Any) -> GaussNewtonTransformState:

@@ -10,6 +10,16 @@ Strategies are registered by name (:func:`register_strategy`); ``"auto"`` picks 
 :func:`resolve_strategy`. Everything is computed in at least float32 (float64 under x64), whatever
 the parameter dtype.
 
+Batch coupling: ``"jacobian"`` and ``"structured"`` evaluate the model per example (on a batch of
+one), which is exact only when examples do not interact inside ``model_fn``. Every entry point here
+(:func:`gram`, :func:`gram_factors`, :func:`empirical_ntk`, :func:`gram_diagonal`) first asks
+:func:`batch_coupling` (a dataflow analysis of the batched model's jaxpr, shapes only); a coupled
+model (batch norm in train mode, ``x - x.mean(0)``, attention across the batch, a ``(b, h)``
+dropout mask) gets the exact ``"whole-batch"`` strategy instead: the Jacobian of the BATCHED
+function (``K`` from matrix-free products on the whole batch above the Jacobian byte limit). For a
+cross Gram ``K(x1, x2)`` of a coupled model, the rows of ``J(x1)`` come from the batch ``x1`` and
+those of ``J(x2)`` from the batch ``x2``. ``"matvec"`` is always evaluated on whole batches.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> import gaussnewton as gn
@@ -21,15 +31,24 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from gaussnewton._tree import tree_size
+from gaussnewton.gram._coupling import Coupling, batch_coupling
 from gaussnewton.gram._jacobian import jacobian_factors, jacobian_gram
 from gaussnewton.gram._matvec import gram_matvec, matvec_gram
-from gaussnewton.gram.structured import structured_factors, structured_gram
+from gaussnewton.gram._whole import (
+    rows_factors,
+    whole_batch_diagonal,
+    whole_batch_factors,
+    whole_batch_gram,
+)
+from gaussnewton.gram.structured._assemble import structured_factors, structured_gram
 
 PyTree = Any
 ModelFn = Callable[[PyTree, PyTree], jax.Array]
@@ -49,40 +68,90 @@ __all__ = [
     "gram_matvec",
     "as_2d",
     "empirical_ntk",
+    "gram_diagonal",
+    "Coupling",
+    "batch_coupling",
+    "PER_EXAMPLE",
+    "WHOLE_BATCH",
 ]
+
+#: the exact strategy for batch-coupled models: the Jacobian of the batched function
+WHOLE_BATCH = "whole-batch"
+
+# A materialized Jacobian above this many bytes makes "auto" avoid the jacobian strategy (and the
+# whole-batch strategy form K from matrix-free products instead).
+_JACOBIAN_BYTES_LIMIT = 1 << 30
+
+
+def _whole_batch_gram(model_fn, params, x1, x2=None):
+    return whole_batch_gram(model_fn, params, x1, x2, limit=_JACOBIAN_BYTES_LIMIT)
+
+
+def _whole_batch_factors(model_fn, params, x):
+    return whole_batch_factors(model_fn, params, x, limit=_JACOBIAN_BYTES_LIMIT)
+
 
 STRATEGIES: dict[str, GramStrategy] = {
     "jacobian": jacobian_gram,
     "matvec": matvec_gram,
     "structured": structured_gram,
+    WHOLE_BATCH: _whole_batch_gram,
 }
 
 #: strategies that can build the Gram of a batch block by block from per-example factors
 FACTORS: dict[str, GramFactors] = {
     "jacobian": jacobian_factors,
     "structured": structured_factors,
+    WHOLE_BATCH: _whole_batch_factors,
 }
 
-# A materialized Jacobian above this many bytes makes "auto" avoid the jacobian strategy.
-_JACOBIAN_BYTES_LIMIT = 1 << 30
+#: strategies that evaluate the model per example: a batch-coupled model gets "whole-batch" instead
+PER_EXAMPLE: set[str] = {"jacobian", "structured"}
+_BUILTIN = frozenset(STRATEGIES)
 
 
 def register_strategy(
-    name: str, strategy: GramStrategy, factors: GramFactors | None = None
+    name: str,
+    strategy: GramStrategy,
+    factors: GramFactors | None = None,
+    *,
+    per_example: bool = True,
 ) -> None:
     """Make ``strategy`` available as ``gram=name`` in every method and in :func:`gram`.
 
     ``factors`` (optional) is its two-stage form for :func:`gram_factors`; without it, blocks of
-    the Gram call ``strategy`` on pairs of example slices.
+    the Gram call ``strategy`` on pairs of example slices (or, for a batch-coupled model, slice a
+    Gram formed once on the whole batch). ``per_example=True`` (the default) declares that the
+    strategy evaluates the model example by example: for a batch-coupled model (see
+    :func:`batch_coupling`) the exact ``"whole-batch"`` strategy is used instead, with a
+    ``UserWarning`` naming the reasons. Declare ``per_example=False`` for a strategy that is exact
+    on whole batches (as ``"matvec"`` is).
+
+    Example:
+        >>> import gaussnewton as gn
+        >>> from gaussnewton.gram import PER_EXAMPLE, STRATEGIES
+        >>> gn.register_strategy("mine", STRATEGIES["matvec"], per_example=False)
+        >>> "mine" in PER_EXAMPLE
+        False
+        >>> _ = STRATEGIES.pop("mine")
     """
     if not callable(strategy):
         raise TypeError(f"register_strategy: strategy for {name!r} must be callable.")
     if factors is not None and not callable(factors):
         raise TypeError(f"register_strategy: factors for {name!r} must be callable or None.")
+    if not isinstance(per_example, bool):
+        raise TypeError(
+            f"register_strategy: per_example for {name!r} must be True or False, got "
+            f"{per_example!r}."
+        )
     STRATEGIES[name] = strategy
     FACTORS.pop(name, None)
     if factors is not None:
         FACTORS[name] = factors
+    if per_example:
+        PER_EXAMPLE.add(name)
+    else:
+        PER_EXAMPLE.discard(name)
 
 
 def as_2d(model_fn: ModelFn) -> ModelFn:
@@ -103,10 +172,22 @@ def as_2d(model_fn: ModelFn) -> ModelFn:
 
 
 def resolve_strategy(
-    strategy: str, model_fn: ModelFn, params: PyTree, x: PyTree, num_outputs: int
+    strategy: str,
+    model_fn: ModelFn,
+    params: PyTree,
+    x: PyTree,
+    num_outputs: int,
+    *,
+    x2: PyTree | None = None,
 ) -> str:
     """The name of the strategy to use; ``"auto"`` prefers ``"structured"`` when registered, else
-    ``"jacobian"`` while the materialized Jacobian stays under 1 GiB, else ``"matvec"``."""
+    ``"jacobian"`` while the materialized Jacobian stays under 1 GiB, else ``"matvec"``. A
+    per-example strategy (:data:`PER_EXAMPLE`) on a batch-coupled model (on ``x`` or ``x2``)
+    resolves to ``"whole-batch"``."""
+    return _resolve(strategy, model_fn, params, x, num_outputs, x2)[0]
+
+
+def _pick(strategy: str, params: PyTree, x: PyTree, num_outputs: int) -> str:
     if strategy != "auto":
         if strategy not in STRATEGIES:
             raise ValueError(
@@ -121,6 +202,32 @@ def resolve_strategy(
     return "matvec"
 
 
+def _coupling(model_fn: ModelFn, params: PyTree, x: PyTree, x2: PyTree | None) -> Coupling:
+    c = batch_coupling(model_fn, params, x)
+    if x2 is None or c.coupled:
+        return c
+    return batch_coupling(model_fn, params, x2)
+
+
+def _resolve(strategy, model_fn, params, x, num_outputs, x2=None, *, factors=False):
+    """``(name, coupling or None)``; the analysis runs for per-example strategies, and with
+    ``factors`` for strategies without a factor form (their blocks would slice the batch)."""
+    name = _pick(strategy, params, x, num_outputs)
+    if name not in PER_EXAMPLE and not (factors and name not in FACTORS):
+        return name, None
+    c = _coupling(model_fn, params, x, x2)
+    if c.coupled and name in PER_EXAMPLE:
+        if name not in _BUILTIN:
+            warnings.warn(
+                f"gram={name!r} is a per-example strategy but the model couples the examples of "
+                f"the batch ({c.summary()}); using the exact 'whole-batch' strategy instead. "
+                "Register it with per_example=False if it is exact on whole batches.",
+                stacklevel=3,
+            )
+        return WHOLE_BATCH, c
+    return name, c
+
+
 def gram(
     model_fn: ModelFn,
     params: PyTree,
@@ -131,7 +238,7 @@ def gram(
 ) -> jax.Array:
     """``K = J(x1) J(x2)ᵀ`` of shape ``(n1, k, n2, k)`` for a 2-D ``model_fn`` (see module doc)."""
     k = jax.eval_shape(model_fn, params, x1).shape[1]
-    name = resolve_strategy(strategy, model_fn, params, x1, k)
+    name, _ = _resolve(strategy, model_fn, params, x1, k, x2)
     return STRATEGIES[name](model_fn, params, x1, x2)
 
 
@@ -159,10 +266,12 @@ def gram_factors(
         True
     """
     k = jax.eval_shape(model_fn, params, x).shape[1]
-    name = resolve_strategy(strategy, model_fn, params, x, k)
+    name, coupling = _resolve(strategy, model_fn, params, x, k, factors=True)
     if name in FACTORS:
         return FACTORS[name](model_fn, params, x)
     fn = STRATEGIES[name]
+    if coupling is not None and coupling.coupled:
+        return rows_factors(fn(model_fn, params, x, None))
 
     def block(x1: PyTree, x2: PyTree | None = None) -> jax.Array:
         return fn(model_fn, params, x1, x2)
@@ -187,3 +296,36 @@ def empirical_ntk(
     k = gram(fn, params, x1, x2, strategy=strategy)
     n1, c, n2, _ = k.shape
     return k.reshape(n1 * c, n2 * c)
+
+
+def gram_diagonal(
+    model_fn: ModelFn, params: PyTree, x: PyTree, *, strategy: str = "auto"
+) -> jax.Array:
+    r"""The Gram diagonal ``K[i, a, i, a] = ‖∂f_{ia}/∂w‖²``, shape ``(n, c)`` (``c = 1`` for ``(n,)``
+    outputs).
+
+    For a per-example model these are the squared norms of the per-example output gradients,
+    computed per example from the factors of :func:`gram_factors` (cost linear in ``n``); for a
+    batch-coupled model (:func:`batch_coupling`) they come from the Jacobian of the batched
+    function (one VJP per row, sequentially, above the Jacobian byte limit), as for strategies
+    without a factor form.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gaussnewton.gram import gram_diagonal
+        >>> fn = lambda p, x: x @ p["w"]
+        >>> gram_diagonal(fn, {"w": jnp.ones((2, 3))}, jnp.array([[1.0, 2.0], [3.0, 4.0]])).tolist()
+        [[5.0, 5.0, 5.0], [25.0, 25.0, 25.0]]
+    """
+    fn = as_2d(model_fn)
+    k = jax.eval_shape(fn, params, x).shape[1]
+    name, _ = _resolve(strategy, fn, params, x, k)
+    if name == WHOLE_BATCH or name not in FACTORS:
+        return whole_batch_diagonal(fn, params, x, limit=_JACOBIAN_BYTES_LIMIT)
+    F, block = FACTORS[name](fn, params, x)
+
+    def one(f):
+        kk = block(jax.tree_util.tree_map(lambda a: a[None], f))
+        return jnp.diagonal(kk[0, :, 0, :])
+
+    return jax.vmap(one)(F)

@@ -240,6 +240,31 @@ class Loss:
         s = self.token_sample_factor(f, labels, key, num_samples)
         return scale_tokens(s, f, weights, 0.5, 2)
 
+    def token_range_coefficients(self, f: Array, y: Array) -> tuple[Array, Array] | None:
+        """``(t, ok)`` per token with ``S_it t_it = g_it`` where ``ok`` (unscaled token forms), or
+        None when the loss has no closed form (subclasses)."""
+        return None
+
+    def range_coefficients(self, f: Array, y) -> tuple[Array, Array] | None:
+        r"""``g = S t + r`` per token: ``(t, r)`` with ``r = 0`` wherever ``g_it ∈ range(S_it)``.
+
+        EGN's row-space solve uses it to avoid the ``1/λ`` of the Woodbury form (the float32
+        "range form"): ``d = −Jᵀ S (SᵀKS + bλI)⁻¹ t`` for the part of ``g`` in the range of the
+        curvature, and the Woodbury form only for ``r`` (tokens where ``g ∉ range(S)`` in floating
+        point, e.g. a softmax probability of the label that underflowed to 0). ``t`` has the
+        factor's shape without the output axis, ``(b, *tok, r)``; None when the loss has no
+        closed form (then the Woodbury form is used for all of ``g``).
+        """
+        labels, weights = split_labels(y)
+        out = self.token_range_coefficients(f, labels)
+        if out is None:
+            return None
+        t_tok, ok = out
+        g = self.grad(f, y)
+        t = scale_tokens(t_tok, f, weights, 0.5, 1)
+        keep = ok[..., None]
+        return jnp.where(keep, t, 0), jnp.where(keep, 0, g)
+
     def identity_scale(self, f: Array, y) -> float | None:
         """``σ`` when ``Q_i = σ I`` for every example is known at trace time, else None.
 

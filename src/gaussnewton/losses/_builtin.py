@@ -94,6 +94,9 @@ class SquaredError(Loss):
     def token_factor(self, f, y):
         return self.token_hessian(f, y)
 
+    def token_range_coefficients(self, f, y):
+        return f - y, jnp.ones(f.shape[:-1], bool)  # S = I: t = g
+
     def token_sample_factor(self, f, y, key, num_samples):
         # y_hat ~ N(f, I): S = (y_hat − f)/√m has E[S Sᵀ] = I.
         eps = jax.random.normal(key, f.shape + (num_samples,), f.dtype)
@@ -182,6 +185,22 @@ class SoftmaxCrossEntropy(Loss):
         cols = e[:, : c - 1] - (p + last)[..., :, None]  # (..., c, c−1): e_j − p − last
         return cols * sp[..., None, : c - 1]
 
+    def token_range_coefficients(self, f, y):
+        # With Σy = 1, a = −y/√p solves S₀ a = √p⊙a − p(√p·a) = p − y = g, and since S₀H = [S, 0]
+        # and H² = I, t = (H a)[:c−1] solves S t = g. Tokens whose label has p ≤ tiny (underflow)
+        # are not in the floating-point range: they go to the Woodbury part.
+        c = f.shape[-1]
+        if c == 1:
+            return jnp.zeros(f.shape, f.dtype), jnp.ones(f.shape[:-1], bool)
+        p = jax.nn.softmax(f, axis=-1)
+        sp = jnp.sqrt(p)
+        tiny = jnp.finfo(p.dtype).tiny
+        ok = jnp.all((y == 0) | (p > tiny), axis=-1)
+        a = jnp.where(y == 0, 0.0, -y / jnp.where(p > tiny, sp, 1.0))
+        v = sp + jnp.eye(c, dtype=f.dtype)[-1]
+        ha = a - v * (jnp.sum(v * a, axis=-1, keepdims=True) / (1 + sp[..., -1:]))
+        return ha[..., : c - 1], ok
+
     def token_sample_factor(self, f, y, key, num_samples):
         # ŷ ~ Categorical(p) per token: S = [p − e_ŷ1, ..., p − e_ŷm]/√m, E[(p − e)(p − e)ᵀ] = Q.
         c = f.shape[-1]
@@ -229,6 +248,11 @@ class SigmoidBinaryCrossEntropy(Loss):
     def token_factor(self, f, y):
         # σ(1−σ) = σ(f) σ(−f): computed from both sides to avoid 1 − σ rounding to 0.
         return jnp.sqrt(jax.nn.sigmoid(f) * jax.nn.sigmoid(-f))[..., None]
+
+    def token_range_coefficients(self, f, y):
+        s = self.token_factor(f, y)[..., 0]  # (..., 1): √(σ(1−σ))
+        ok = s[..., 0] >= jnp.sqrt(jnp.finfo(s.dtype).tiny)
+        return (jax.nn.sigmoid(f) - y) / jnp.where(s > 0, s, 1.0), ok
 
     def token_sample_factor(self, f, y, key, num_samples):
         s = jax.nn.sigmoid(f)  # (..., 1)

@@ -18,8 +18,12 @@ checkpoint) are inlined. Rules, per leaf:
   recognized (scan/while bodies, a parameter inside custom_jvp/custom_vjp, both operands of a
   product, ...): per-example gradients of THAT leaf only (exact; "fallback" when unrecognized).
 
-See METHODS.md section 3.3. The per-example trace means examples must not interact inside
-``model_fn`` (no batch statistics), as for the materialized-Jacobian reference.
+See METHODS.md section 3.3. The per-example trace is exact only when examples do not interact
+inside ``model_fn``; :func:`structured_gram`, :func:`structured_factors` and :func:`explain` first
+run :func:`gaussnewton.gram.batch_coupling` and, for a batch-coupled model (batch statistics,
+attention across the batch, position-dependent masks), use the exact whole-batch Jacobian
+instead (``explain`` then reports ``method="whole-batch-jacobian"`` / ``"whole-batch-matvec"``
+for every float leaf, with the coupling reasons).
 
 Public:
   structured_gram(model_fn, params, x1, x2=None) -> K (n1, k, n2, k)
@@ -39,13 +43,63 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from ._assemble import make_plan, structured_factors, structured_gram
-from ._cost import LeafPlan
+import jax
+import jax.numpy as jnp
+
+from .. import _whole
+from .._coupling import Coupling, batch_coupling
+from . import _assemble
+from ._assemble import _batch_size, make_plan
+from ._cost import DENSE_METHODS, NONE, LeafPlan
 
 __all__ = ["LeafPlan", "explain", "structured_factors", "structured_gram"]
+
+
+def _limit() -> int:
+    return sys.modules["gaussnewton.gram"]._JACOBIAN_BYTES_LIMIT
+
+
+def _check(x1: Any, x2: Any, dense_method: str) -> None:
+    if dense_method not in DENSE_METHODS:
+        raise ValueError(
+            f"structured_gram: dense_method={dense_method!r} is not one of {DENSE_METHODS}."
+        )
+    _batch_size(x1, "x1")
+    if x2 is not None:
+        _batch_size(x2, "x2")
+
+
+def _coupling(model_fn: Callable, params: Any, x1: Any, x2: Any) -> Coupling:
+    c = batch_coupling(model_fn, params, x1)
+    return c if x2 is None or c.coupled else batch_coupling(model_fn, params, x2)
+
+
+def structured_gram(
+    model_fn: Callable, params: Any, x1: Any, x2: Any = None, *, dense_method: str = "auto"
+) -> jax.Array:
+    """``K = J(x1) J(x2)^T`` ``(n1, k, n2, k)`` by the structured engine (see
+    :func:`gaussnewton.gram.structured._assemble.structured_gram` for the rules); a batch-coupled
+    model gets the exact whole-batch Jacobian instead (rows of ``J(x1)`` from the batch ``x1``,
+    of ``J(x2)`` from ``x2``)."""
+    _check(x1, x2, dense_method)
+    if _coupling(model_fn, params, x1, x2).coupled:
+        return _whole.whole_batch_gram(model_fn, params, x1, x2, limit=_limit())
+    return _assemble.structured_gram(model_fn, params, x1, x2, dense_method=dense_method)
+
+
+def structured_factors(
+    model_fn: Callable, params: Any, x: Any, *, dense_method: str = "auto"
+) -> tuple[Any, Callable]:
+    """``(F, block)`` of :func:`structured_gram` on ``x`` (see
+    :func:`gaussnewton.gram.gram_factors`); whole-batch factors for a batch-coupled model."""
+    _check(x, None, dense_method)
+    if batch_coupling(model_fn, params, x).coupled:
+        return _whole.whole_batch_factors(model_fn, params, x, limit=_limit())
+    return _assemble.structured_factors(model_fn, params, x, dense_method=dense_method)
 
 
 def explain(
@@ -59,6 +113,41 @@ def explain(
     embedding rule, or a bias merged into one), ``"per-example-gradient"`` (that leaf's
     per-example gradients) or ``"none"``. ``cost_dense`` / ``cost_pergrad`` are the flop
     estimates compared under ``dense_method="auto"``.
+
+    For a batch-coupled model (:func:`gaussnewton.gram.batch_coupling`) every float leaf reports
+    ``method="whole-batch-jacobian"`` (or ``"whole-batch-matvec"`` above the Jacobian byte limit),
+    ``reason="batch coupled: ..."`` (the first reasons of the analysis) and ``coupling`` (the
+    whole :class:`gaussnewton.gram.Coupling`); ``rule`` is what the per-example analysis
+    recognized (``"whole-batch"`` where it could not run), non-float leaves keep ``"non-float"``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> fn = lambda p, x: jnp.tanh((x - x.mean(0)) @ p["w"])
+        >>> plan = explain(fn, {"w": jnp.ones((3, 2))}, jnp.ones((4, 3)))["['w']"]
+        >>> plan.method, plan.reason.split(" (")[0]
+        ('whole-batch-jacobian', 'batch coupled: reduce_sum reduces over the batch axis')
     """
-    _, plans = make_plan(model_fn, params, x1, x2, dense_method)
-    return {p.name: p for p in plans}
+    _check(x1, x2, dense_method)
+    coupling = _coupling(model_fn, params, x1, x2)
+    if not coupling.coupled:
+        _, plans = make_plan(model_fn, params, x1, x2, dense_method)
+        return {p.name: p for p in plans}
+    method = _whole.whole_batch_method(model_fn, params, x1, _limit())
+    if x2 is not None and _whole.whole_batch_method(model_fn, params, x2, _limit()) != method:
+        method = _whole.MATVEC
+    try:  # what the per-example engine would recognize: informative only
+        rules = {p.name: p for p in make_plan(model_fn, params, x1, x2, dense_method)[1]}
+    except Exception:
+        rules = {}
+    reason = "batch coupled: " + coupling.summary()
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        seen = rules.get(name)
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            out[name] = LeafPlan(name, "non-float", NONE, coupling=coupling)
+            continue
+        rule = seen.rule if seen is not None else "whole-batch"
+        kinds = seen.kinds if seen is not None else ()
+        out[name] = LeafPlan(name, rule, method, kinds, reason, coupling=coupling)
+    return out

@@ -29,6 +29,7 @@ sequences, large feature maps) and per-example gradients are smaller.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +94,9 @@ class LeafPlan:
       kinds: kinds of the recognized uses.
       reason: why a per-example gradient or the fallback was chosen.
       cost_dense / cost_pergrad: flop estimates (``None`` when not applicable).
+      coupling: for a batch-coupled model, the :class:`gaussnewton.gram.Coupling` that sent every
+        leaf to the whole-batch method (``method`` ``"whole-batch-jacobian"`` or
+        ``"whole-batch-matvec"``); ``None`` for per-example models.
     """
 
     name: str
@@ -103,6 +107,7 @@ class LeafPlan:
     cost_dense: float | None = None
     cost_pergrad: float | None = None
     forms: list[DenseForm | ConvForm | EmbedForm] = field(default_factory=list, repr=False)
+    coupling: Any = field(default=None, repr=False)  # Coupling of a batch-coupled model, else None
 
 
 def dense_form(use: Use) -> tuple[DenseForm, np.ndarray]:
