@@ -138,3 +138,23 @@ def test_no_step_into_a_non_finite_region(name):
     np.testing.assert_array_equal(flat(params), flat(PL))
     assert int(new_state.count) == 0
     assert float(new_state.damping) >= float(state.damping)
+
+
+def test_failed_line_search_that_raises_the_loss_is_rejected():
+    """No Armijo trial passes and the last one raises the loss: rejected, not taken."""
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    params = {"w": jnp.zeros(3)}
+    opt = gn.egn(
+        fn,
+        loss="squared_error",
+        learning_rate=1e3,  # a full LM step times 1000 overshoots a quadratic
+        damping=1e-3,
+        line_search=gn.Armijo(max_trials=1, reset="restart"),
+    )
+    state = opt.init(params)
+    new, new_state, info = jax.jit(opt.step)(params, state, XL, XL[:, 0])
+    assert not bool(info.ls_accepted)
+    assert float(info.loss_after) > float(info.loss)  # finite but higher
+    assert bool(info.rejected)
+    np.testing.assert_array_equal(flat(new), flat(params))
+    assert float(new_state.damping) > float(state.damping)

@@ -9,7 +9,8 @@ One step reads top to bottom (docs/ARCHITECTURE.md):
 A step is rejected — ``params``, the optimizer state and the model state unchanged (λ grows under
 adaptive damping), ``info.rejected`` set — when the loss, gradient, direction or update is not
 finite, when the loss at the new point is not finite (no finite trial point: never a step into a
-NaN region), or when the labels are invalid (METHODS §6).
+NaN region), when a line search found no acceptable step and its last trial raises the loss, or
+when the labels are invalid (METHODS §6).
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ class GaussNewtonOptimizer:
             & tree_all_finite(new_params)
             & jnp.isfinite(loss_after)  # never a step into a non-finite region
             & jnp.asarray(lin.labels_ok, bool)
+            # a line search that found no acceptable step and would raise the loss: rejected
+            & (jnp.asarray(accepted) | (loss_after <= lin.loss.astype(dt)))
         )
         new_state = GaussNewtonState(
             count=state.count + 1,
