@@ -170,3 +170,17 @@ def test_half_squared_error_alias_and_optax_naming():
     np.testing.assert_allclose(2 * value, optax.squared_error(f, y).sum(-1), rtol=1e-14)
     with pytest.raises(ValueError, match="half_squared_error"):
         gn.get_loss("mse")
+
+
+def test_concrete_labels_inside_jit_are_checked_at_trace_time():
+    """Labels closed over by a jitted function are concrete: they are checked (and reshaped,
+    (b,) -> (b, 1) for one output) while tracing, without reading a tracer."""
+    y = jnp.array([0.5, -1.0, 2.0])
+    value = jax.jit(lambda f: SE.value(f, SE.prepare_labels(f, y)))(jnp.zeros((3, 1)))
+    np.testing.assert_allclose(value, 0.5 * y**2)
+    weighted = WeightedLabels(jnp.array([0, 1, -100]), jnp.array([1.0, 1.0, 0.0]))
+    value = jax.jit(lambda f: CE.value(f, CE.prepare_labels(f, weighted)))(F10)
+    np.testing.assert_allclose(value, [1.5 * np.log(10), 1.5 * np.log(10), 0.0], rtol=1e-14)
+    bad = jnp.array([0, 10, 3])
+    with pytest.raises(ValueError, match="got 10 at index"):
+        jax.jit(lambda f: CE.value(f, CE.prepare_labels(f, bad)))(F10)

@@ -103,31 +103,30 @@ class Loss:
                 f"loss {self.name!r}: model outputs f of shape {tuple(f.shape)} need a batch axis "
                 f"and an output axis, (b, c) or (b, *tok, c); reshape a scalar output to (b, 1)."
             )
-        labels = self._check_shape(f, jnp.asarray(labels))
-        # decided AFTER the shape check: inside jit, concrete labels closed over by the traced
-        # function become tracers as soon as an operation (e.g. astype) touches them
+        # Concrete labels and weights stay numpy arrays until checked: inside a jit trace every
+        # jax.numpy op (even on constants) returns a tracer, whose values cannot be read.
         traced = _is_traced(labels, weights)
+        xp = jnp if traced else np
+        labels = self._check_shape(f, xp.asarray(labels))
         if weights is not None:
-            weights = self._check_weights(f, weights, traced)
+            weights = self._check_weights(f, xp.asarray(weights), traced)
         active = None if weights is None else weights != 0
         if not traced:
-            self._raise_on_bad_labels(f, labels, None if active is None else np.asarray(active))
-            canonical = self._canonical(f, labels)
-        else:
+            self._raise_on_bad_labels(f, labels, active)
+        canonical = jnp.asarray(self._canonical(f, labels))
+        if traced:
             ok = None
             for ok_t, _ in self._label_problems(f, labels, jnp):
                 ok = ok_t if ok is None else ok & ok_t
-            canonical = self._canonical(f, labels)
             if ok is not None:
                 if active is not None:
                     ok = ok | ~active
                 canonical = jnp.where(_pad_like(ok, canonical), canonical, jnp.nan)
         if active is not None and jnp.issubdtype(canonical.dtype, jnp.floating):
             canonical = jnp.where(_pad_like(active, canonical), canonical, 0)
-        return canonical if weights is None else WeightedLabels(canonical, weights)
+        return canonical if weights is None else WeightedLabels(canonical, jnp.asarray(weights))
 
     def _check_weights(self, f: Array, weights, traced: bool) -> Array:
-        weights = jnp.asarray(weights)
         want = tuple(f.shape[:-1])
         if tuple(weights.shape) != want:
             raise ValueError(
