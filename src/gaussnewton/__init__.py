@@ -23,6 +23,7 @@ from gaussnewton.losses import (
     SigmoidBinaryCrossEntropy,
     SoftmaxCrossEntropy,
     SquaredError,
+    WeightedLabels,
     get_loss,
 )
 from gaussnewton.model import Model
@@ -54,6 +55,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "SquaredError",
     "StepInfo",
+    "WeightedLabels",
     "as_optax",
     "dual_gn",
     "dual_gn_transform",

@@ -177,7 +177,7 @@ def linearize_and_solve(
         fn = as_2d(fn)  # row-space CG takes (b, c) outputs
         lin = linearize(fn, loss, params, x, y, mode="linearize")
         f = lin.outputs
-        identity = loss.identity_curvature and curvature == "exact"
+        identity = curvature == "exact" and loss.identity_scale(f, lin.labels) == 1.0
         s = (
             None
             if identity

@@ -82,6 +82,7 @@ from gaussnewton.losses import (
     SigmoidBinaryCrossEntropy,
     SoftmaxCrossEntropy,
     SquaredError,
+    WeightedLabels,
 )
 from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization
 
@@ -235,6 +236,11 @@ def dual_solve(loss: Loss, f, y, k, lam, max_inner_iters: int) -> DualSolve:
 
 def _solve_batch(fn, loss, params, x, y, lam, gram, max_inner_iters):
     lin = linearize(fn, loss, params, x, y)
+    if isinstance(lin.labels, WeightedLabels):
+        raise ValueError(
+            "dual_gn solves the dual of the per-example loss and takes no WeightedLabels; use "
+            "gn.egn (weighted and per-token losses) or unweighted labels."
+        )
     k = compute_gram(as_2d(fn), params, x, strategy=gram)
     res = dual_solve(loss, lin.outputs, lin.labels, k, lam, max_inner_iters)
     return lin, res

@@ -105,7 +105,7 @@ def ignd(
         both = jax.vmap(lin.vjp)(cot)
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
         direction = jax.tree_util.tree_map(lambda a: a[1], both)
-        quad = quad_from_factor(fn, params, x, loss_obj.factor(f, y), loss_obj.identity_curvature)
+        quad = quad_from_factor(fn, params, x, loss_obj.factor(f, y), False)
         return Linearization(
             lin.loss, grad, direction, quad, 0, 0.0, method_state, labels_ok=lin.labels_ok
         )

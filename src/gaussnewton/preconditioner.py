@@ -174,7 +174,7 @@ def precondition(
     lam = jnp.asarray(damping, dt)
     ju = jvp_fn(u).astype(dt)  # J u, (b, c)
 
-    if loss_obj.identity_curvature and curvature == "exact":
+    if curvature == "exact" and loss_obj.identity_scale(f, y) == 1.0:  # Q = I (unweighted)
         cot = _gram_solve(fn_active, active, x, gram, b * lam, ju)  # (K + bλI)⁻¹ J u
     else:
         if curvature == "exact":

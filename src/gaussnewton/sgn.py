@@ -58,7 +58,8 @@ def _ggn_operator(fn, params, x, y, loss):
     lin = linearize(fn, loss, params, x, y, mode="linearize")
     b = lin.batch_size
     grad = lin.vjp(lin.g / b)
-    q = None if loss.identity_curvature else loss.hessian(lin.outputs, lin.labels)
+    unit = loss.identity_scale(lin.outputs, lin.labels) == 1.0  # Q = I (unweighted)
+    q = None if unit else loss.hessian(lin.outputs, lin.labels)
 
     def ggn_mv(v):
         jv = lin.jvp(v)
