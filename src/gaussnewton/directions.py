@@ -113,31 +113,30 @@ def _gram_solve(fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array) 
         return t.reshape(sizes[i], sizes[j]).astype(rhs.dtype)
 
     diag = [tile(i, i) for i in range(nt)]  # formed once, reused by the factorization
-    shift = jnp.maximum(shift, shift_floor(diag))
+    diag = [_floored(t, shift) for t in diag]
     flat = rhs.reshape((b * k,) + rhs.shape[2:])
     solved = solve_tiled_spd(lambda i, j: diag[i] if i == j else tile(i, j), sizes, shift, flat)
     return solved.reshape(rhs.shape)
 
 
-#: the smallest shift of a row-space system, in units of ``ε · mean diag(K)`` (see shift_floor)
+#: the smallest shift of a row of a row-space system, in units of ``ε · K_ii`` (see _floored)
 SHIFT_FLOOR = 16.0
 
 
-def shift_floor(diag_tiles) -> jax.Array:
-    r"""The smallest shift the row-space Cholesky uses: ``SHIFT_FLOOR · ε · tr(K) / n``.
+def _floored(tile: jax.Array, shift: jax.Array) -> jax.Array:
+    r"""A diagonal Gram tile with its shift floored row by row: ``K_ii + max(shift, 16 ε K_ii)``.
 
-    A Gram formed in floating point carries errors of order ``ε`` times its entries (``ε`` the
-    machine epsilon of its dtype); a shift ``bλ`` far below that cannot be honoured — the
-    factorization breaks down (NaN). With the floor, ``(K + max(bλ, floor) I) u = rhs`` stays
-    solvable (also ``λ = 0`` on a rank-deficient ``K``: duplicated examples, ``b c > d``); in
-    float64 it is ``3.6e-15 · mean diag(K)``, far below every λ the tests use. The floor is kept
-    small (a few ``ε`` of the mean diagonal) so that it changes well-conditioned systems by
-    ``O(ε)`` only.
+    The tile is returned as ``K_II + diag(max(0, 16 ε K_ii − shift))``, so that with the scalar
+    ``shift`` of the solve every row gets at least ``16 ε K_ii`` (``ε`` the machine epsilon): a
+    shift far below the rounding of the row's own entries makes the Cholesky break down (NaN, e.g.
+    ``λ → 0`` on a rank-deficient ``K``: duplicated examples, ``b c > d``). Relative to each row, so
+    rows of small scale (saturated examples) are not over-damped; in float64 the floor is
+    ``3.6e-15 K_ii``, far below every λ the tests use.
     """
-    n = sum(t.shape[0] for t in diag_tiles)
-    trace = sum(jnp.trace(t) for t in diag_tiles)
-    eps = jnp.finfo(diag_tiles[0].dtype).eps
-    return SHIFT_FLOOR * eps * jnp.maximum(trace, 0.0) / n
+    d = jnp.diagonal(tile)
+    eps = jnp.finfo(tile.dtype).eps
+    extra = jnp.maximum(SHIFT_FLOOR * eps * jnp.maximum(d, 0.0) - shift, 0.0)
+    return tile + jnp.diag(extra)
 
 
 def _flat_outputs(fn):
