@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gaussnewton.experiments import datasets as D
+from gaussnewton_experiments import datasets as D
 
 
 @pytest.mark.parametrize("name", sorted(D.TABLES))

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaussnewton.experiments import registry as R
-from gaussnewton.experiments.cli import main
-from gaussnewton.experiments.datasets import load_california_housing
-from gaussnewton.experiments.models import count_params, make_model
-from gaussnewton.experiments.records import Records
-from gaussnewton.experiments.runner import run_experiment
-from gaussnewton.experiments.supervised import _batch_indices, _make_eval
+from gaussnewton_experiments import registry as R
+from gaussnewton_experiments.cli import main
+from gaussnewton_experiments.datasets import load_california_housing
+from gaussnewton_experiments.models import count_params, make_model
+from gaussnewton_experiments.records import Records
+from gaussnewton_experiments.runner import run_experiment
+from gaussnewton_experiments.supervised import _batch_indices, _make_eval
 
 CALLS: list[tuple[str, int, float]] = []
 FAIL_ONCE: set[tuple[str, int]] = set()
@@ -119,7 +119,7 @@ def test_models_shapes_and_lecun_init():
     # LeCun normal: std 1/sqrt(fan_in) (25088 draws: the estimate is good to ~0.5%)
     assert float(jnp.std(w)) == pytest.approx(1.0 / math.sqrt(7 * 7 * 16), rel=0.03)
     assert float(jnp.abs(w).max()) <= 2.0 / math.sqrt(7 * 7 * 16) / 0.87962566 + 1e-6  # truncated
-    from gaussnewton.experiments.models import _maxpool2
+    from gaussnewton_experiments.models import _maxpool2
 
     z = jax.random.normal(key, (2, 7, 6, 3))
     ref = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")

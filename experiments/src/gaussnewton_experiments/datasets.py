@@ -1,7 +1,7 @@
 """Offline data sets for the supervised experiments (EXPERIMENTS.md sections 1 and 2).
 
 Nothing here downloads anything. Tables are shipped with the package under
-``gaussnewton/experiments/data/`` as xz-compressed CSV files (readable with numpy + pandas only);
+``gaussnewton_experiments/data/`` as xz-compressed CSV files (readable with numpy + pandas only);
 each is verified against its SHA-256 checksum on load. Fashion-MNIST is read from the Debian
 package ``dataset-fashion-mnist`` (or a folder you give); digits come with scikit-learn; sine is
 generated.
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gaussnewton.experiments.registry import register_dataset
+from gaussnewton_experiments.registry import register_dataset
 
 __all__ = [
     "Dataset",
@@ -239,7 +239,7 @@ def cache_dir() -> Path:
 
 
 def _shipped_path(filename: str) -> Path:
-    return Path(str(resources.files("gaussnewton.experiments").joinpath("data", filename)))
+    return Path(str(resources.files("gaussnewton_experiments").joinpath("data", filename)))
 
 
 def read_table(name: str, *, path: str | os.PathLike | None = None, verify: bool = True):
@@ -682,32 +682,47 @@ def load_sine(
     )
 
 
+# name -> (loader, task, description); the task is the loader's declaration (registry.DatasetSpec)
 _LOADERS = {
-    "california_housing": load_california_housing,
-    "diamonds": load_diamonds,
-    "bikeshare": load_bikeshare,
-    "adult": load_adult,
-    "reviews": load_reviews,
-    "fashion_mnist": load_fashion_mnist,
-    "digits": load_digits,
-    "sine": load_sine,
+    "california_housing": (
+        load_california_housing,
+        TABLES["california_housing"].task,
+        "regression, 20640 x 8, shipped (0.5 MB)",
+    ),
+    "diamonds": (
+        load_diamonds,
+        TABLES["diamonds"].task,
+        "regression, 53940 x 9 (3 categorical), shipped (0.4 MB)",
+    ),
+    "bikeshare": (
+        load_bikeshare,
+        TABLES["bikeshare"].task,
+        "regression, 8645 x 12 (2011 hourly), shipped (58 kB)",
+    ),
+    "adult": (
+        load_adult,
+        TABLES["adult"].task,
+        "binary classification, 48842 x 14, shipped (0.4 MB)",
+    ),
+    "reviews": (
+        load_reviews,
+        TABLES["reviews"].task,
+        "binary text classification, 22641 reviews, shipped text (1.7 MB) -> TF-IDF+SVD 300",
+    ),
+    "fashion_mnist": (
+        load_fashion_mnist,
+        "classification",
+        "10-class 28x28 images, 60000/10000, Debian package dataset-fashion-mnist",
+    ),
+    "digits": (load_digits, "classification", "10-class 8x8 images, 1797, scikit-learn"),
+    "sine": (load_sine, "regression", "regression, generated sin(omega x), 7000/3000"),
 }
-_DESCRIPTIONS = {
-    "california_housing": "regression, 20640 x 8, shipped (0.5 MB)",
-    "diamonds": "regression, 53940 x 9 (3 categorical), shipped (0.4 MB)",
-    "bikeshare": "regression, 8645 x 12 (2011 hourly), shipped (58 kB)",
-    "adult": "binary classification, 48842 x 14, shipped (0.4 MB)",
-    "reviews": "binary text classification, 22641 reviews, shipped text (1.7 MB) -> TF-IDF+SVD 300",
-    "fashion_mnist": "10-class 28x28 images, 60000/10000, Debian package dataset-fashion-mnist",
-    "digits": "10-class 8x8 images, 1797, scikit-learn",
-    "sine": "regression, generated sin(omega x), 7000/3000",
-}
-for _name, _fn in _LOADERS.items():
-    register_dataset(_name, _fn, description=_DESCRIPTIONS[_name])
+for _name, (_fn, _task, _description) in _LOADERS.items():
+    register_dataset(_name, _fn, task=_task, description=_description)
 
 
 def load_dataset(name: str, split: str = "test", **kwargs: Any) -> Dataset:
-    """Load a registered data set by name (see ``gaussnewton list``)."""
-    from gaussnewton.experiments.registry import get_dataset
+    """Load a registered data set by name (see ``gaussnewton-experiments list``)."""
+    from gaussnewton_experiments.registry import get_dataset
 
     return get_dataset(name).loader(split=split, **kwargs)

@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaussnewton.experiments.datasets import Dataset, load_dataset
-from gaussnewton.experiments.models import count_params, make_model
-from gaussnewton.experiments.optimizers import loss_value
-from gaussnewton.experiments.registry import (
+from gaussnewton_experiments.datasets import Dataset, load_dataset
+from gaussnewton_experiments.models import count_params, make_model
+from gaussnewton_experiments.optimizers import loss_value
+from gaussnewton_experiments.registry import (
     ExperimentSpec,
     RunConfig,
+    get_dataset,
     get_optimizer,
     register_experiment,
 )
@@ -122,6 +123,12 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     """
     opts = dict(cfg.options)
     ds = cached_dataset(opts["dataset"], cfg.split, **dict(opts.get("dataset_kwargs", {})))
+    declared = get_dataset(opts["dataset"]).task
+    if ds.task != declared:
+        raise ValueError(
+            f"data set {opts['dataset']!r} is registered with task={declared!r} but its loader "
+            f"returned task={ds.task!r}; fix the register_dataset(..., task=...) declaration."
+        )
     loss = loss_for(ds)
     hp = dict(cfg.hparams)
     batch = int(hp.get("batch_size", cfg.batch_size or 128))
@@ -231,6 +238,18 @@ SUPERVISED_EGN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# the ``cfg.options`` names :func:`run_supervised` reads (``--option NAME=VALUE``)
+SUPERVISED_OPTIONS = (
+    "dataset",
+    "model",
+    "dataset_kwargs",
+    "hidden",
+    "activation",
+    "eval_batch",
+    "trace",
+)
+
+
 def supervised_experiment(
     dataset: str,
     *,
@@ -246,8 +265,12 @@ def supervised_experiment(
     hparams: dict[str, dict[str, Any]] | None = None,
     **options: Any,
 ) -> ExperimentSpec:
-    """An :class:`ExperimentSpec` training ``model`` on ``dataset`` with :func:`run_supervised`."""
-    ds_task = "regression" if dataset in _REGRESSION else "classification"
+    """An :class:`ExperimentSpec` training ``model`` on ``dataset`` with :func:`run_supervised`.
+
+    The metric follows the data set's registered ``task`` (``register_dataset(..., task=...)``):
+    ``test_rmse`` (lower is better) for a regression, ``test_accuracy`` (higher) otherwise.
+    """
+    ds_task = get_dataset(dataset).task
     return ExperimentSpec(
         run=run_supervised,
         description=description,
@@ -265,11 +288,10 @@ def supervised_experiment(
             for name in {*SUPERVISED_EGN_DEFAULTS, *(hparams or {})}
         },
         options={"dataset": dataset, "model": model, **options},
+        option_keys=SUPERVISED_OPTIONS,
         extra={"dataset": dataset, "model": model},
     )
 
-
-_REGRESSION = {"california_housing", "diamonds", "bikeshare", "sine"}
 
 _BUILTIN = {
     "california_housing": supervised_experiment(

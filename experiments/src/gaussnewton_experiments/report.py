@@ -109,29 +109,68 @@ def _fmt(ms: tuple[float, float], digits: int = 4) -> str:
     return f"{m:.{digits}g} ± {s:.2g}"
 
 
+def _num(x: float, digits: int) -> str:
+    """``x`` with ``digits`` significant digits in few characters: no exponent from 1 to 10^6
+    (``1.2e+03`` -> ``1234``), a short one otherwise (``1.23e-05`` -> ``1.23e-5``)."""
+    text = f"{x:.{digits}g}"
+    if "e" in text:
+        if 1 <= abs(x) < 1e6:
+            return f"{x:.0f}"
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def _short(ms: tuple[float, float], digits: int = 3) -> str:
+    """Compact ``mean±std`` for the terminal (``0.543±0.01``, std to one significant digit)."""
+    m, s = ms
+    if not math.isfinite(m):
+        return "-"
+    return f"{_num(m, digits)}±{_num(s, 1)}"
+
+
+TERMINAL_WIDTH = 80
+
+
 def summary_table(summary: Sequence[Mapping[str, Any]], metric: str, higher: bool):
-    """A compact ``rich.table.Table`` of the summary for the terminal."""
+    """The summary as a ``rich.table.Table`` that reads in an 80-column terminal.
+
+    Compact cells (3 significant digits, ``mean±std``), no vertical rules and cells that never wrap;
+    the full table (more digits, steps and time to target, train / eval seconds, hyper-parameters)
+    is in ``summary.md`` (:func:`summary_markdown`). Columns: optimizer, seeds (diverged), final
+    metric, best metric, metric at the common wall-clock time, time to target (reached/seeds),
+    training steps per second (``it/s``).
+    """
+    from rich import box
     from rich.table import Table
 
     arrow = "↑" if higher else "↓"
-    t = Table(title=f"{metric} {arrow} (mean ± std over seeds)")
+    t = Table(
+        title=f"{metric} {arrow} (mean±std over seeds; all columns: summary.md)",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),  # with the blank column rule: 2 spaces between columns
+    )
     common = summary[0]["common_time"] if summary else math.nan
-    for col in ("optimizer", "seeds (div.)", "final", "best", f"@ {common:.3g} s", "time to target",
-                "steps/s"):  # fmt: skip
-        t.add_column(col)
+    target = summary[0].get("target") if summary else None
+    heads = ("optimizer", "seeds", "final", "best", f"@{_num(common, 3)} s",
+             f"to {_num(target, 3)}" if target is not None else "to target", "it/s")  # fmt: skip
+    for i, col in enumerate(heads):
+        t.add_column(col, no_wrap=True, justify="left" if i == 0 else "right")
     for r in summary:
+        if math.isfinite(r["time_to_target"][0]):
+            reach = f"{_num(r['time_to_target'][0], 2)} s {r['reached']}"
+        else:
+            reach = f"- {r['reached']}" if r["reached"] else "-"
         t.add_row(
             r["optimizer"],
             f"{r['seeds']} ({r['diverged']})",
-            _fmt(r["final"]),
-            _fmt(r["best"]),
-            _fmt(r["at_common_time"]),
-            (
-                f"{_fmt(r['time_to_target'], 3)} s ({r['reached']})"
-                if math.isfinite(r["time_to_target"][0])
-                else f"- ({r['reached'] or 'no target'})"
-            ),
-            _fmt(r["steps_per_s"], 4),
+            _short(r["final"]),
+            _short(r["best"]),
+            _short(r["at_common_time"]),
+            reach,
+            _num(r["steps_per_s"][0], 2) if math.isfinite(r["steps_per_s"][0]) else "-",
         )
     return t
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gaussnewton.experiments.registry import register_optimizer
+from gaussnewton_experiments.registry import register_optimizer
 
 __all__ = [
     "LR_GRID",
