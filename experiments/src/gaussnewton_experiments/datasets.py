@@ -1,4 +1,4 @@
-"""Offline data sets for the supervised experiments (EXPERIMENTS.md sections 1 and 2).
+"""Offline data sets for the supervised experiments (protocol: docs/experiments.md).
 
 Nothing here downloads anything. Tables are shipped with the package under
 ``gaussnewton_experiments/data/`` as xz-compressed CSV files (readable with numpy + pandas only);

@@ -1,4 +1,4 @@
-"""Supervised training loop (EXPERIMENTS.md section 2) and the supervised experiments.
+"""Supervised training loop (protocol: docs/experiments.md) and the supervised experiments.
 
 One run = (data set, model, optimizer, hyper-parameters, seed). Protocol:
 - per-seed shuffle of the training set each epoch, contiguous batches, last partial batch dropped;
