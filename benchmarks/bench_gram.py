@@ -28,8 +28,8 @@ import numpy as np
 import optax
 
 import gaussnewton as gn
-from gaussnewton.experiments._blas import limit_blas_threads
 from gaussnewton.gram import STRATEGIES, as_2d
+from gaussnewton_experiments._blas import limit_blas_threads  # harness package (experiments/)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,12 @@ from rich.console import Console
 from gaussnewton_experiments import registry as R
 from gaussnewton_experiments.cli import main
 from gaussnewton_experiments.records import Records
-from gaussnewton_experiments.report import summary_markdown, summary_table
+from gaussnewton_experiments.report import (
+    at_best_validation,
+    summarize,
+    summary_markdown,
+    summary_table,
+)
 from gaussnewton_experiments.runner import run_experiment
 
 CALLS: list[tuple[str, int, str]] = []
@@ -187,7 +192,7 @@ def _summary_rows(names, final, best, at_time, tt, sps):
             "seeds": 5,
             "diverged": 1,
             "final": final,
-            "best": best,
+            "at_best_val": best,
             "at_common_time": at_time,
             "common_time": 10.0321,
             "target": 800.0,
@@ -231,3 +236,23 @@ def test_terminal_summary_reads_at_80_columns(final, best, sps):
                 "hyper-parameters"):  # fmt: skip
         assert col in md
     assert "learning_rate=0.3" in md
+
+
+# ----------------------------------------------------------------------------- honest selection
+
+
+def test_selection_is_by_validation_never_by_test():
+    rows = [
+        {"step": 0, "train_time": 0.0, "m": 9.0, "val_metric": 0.5},
+        {"step": 1, "train_time": 1.0, "m": 7.0, "val_metric": 0.3},
+        {"step": 2, "train_time": 2.0, "m": 1.0, "val_metric": 0.4},  # best TEST value: not it
+        {"step": 3, "train_time": 3.0, "m": 5.0, "val_metric": float("nan")},
+        {"step": 4, "train_time": 4.0, "m": 3.0, "val_metric": 0.3},  # a tie: the first wins
+    ]
+    assert at_best_validation(rows, "m", higher=False) == 7.0
+    assert at_best_validation(rows, "m", higher=True) == 9.0
+    assert math.isnan(at_best_validation([{"m": 1.0}], "m", higher=False))  # no validation: NaN
+    seeds = [rows, [{**r, "m": r["m"] + 1.0} for r in rows]]
+    (row,) = summarize({"x": seeds}, "m", higher_is_better=False, target=None)
+    assert row["at_best_val"] == pytest.approx((7.5, 0.5))  # 7 and 8
+    assert row["final"] == pytest.approx((3.5, 0.5)) and "best" not in row
