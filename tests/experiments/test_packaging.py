@@ -44,24 +44,28 @@ def _copy_repo(dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def library_wheel(tmp_path_factory) -> zipfile.ZipFile:
+def _build_wheel(tmp: Path, project: str) -> zipfile.ZipFile:
+    """Build the wheel of ``project`` ("." or "experiments") from a clean copy of the repo."""
     if not _build_tools_available():
         msg = "building the wheel needs setuptools>=77 and wheel: pip install -e '.[dev]'"
         if os.environ.get("CI"):
             pytest.fail(msg)  # the dev extra provides both; CI must not skip this check
         pytest.skip(msg)
-    tmp = tmp_path_factory.mktemp("wheel")
     src = _copy_repo(tmp / "repo")
     out = tmp / "dist"
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     proc = subprocess.run(
-        [*cmd, "-w", str(out), str(src)], capture_output=True, text=True, timeout=300
+        [*cmd, "-w", str(out), str(src / project)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    wheels = list(out.glob("gaussnewton-*.whl"))
+    wheels = list(out.glob("*.whl"))
     assert len(wheels) == 1, wheels
-    with zipfile.ZipFile(wheels[0]) as zf:
+    return zipfile.ZipFile(wheels[0])
+
+
+@pytest.fixture(scope="module")
+def library_wheel(tmp_path_factory) -> zipfile.ZipFile:
+    with _build_wheel(tmp_path_factory.mktemp("wheel"), ".") as zf:
         yield zf
 
 
@@ -103,6 +107,19 @@ def test_import_gaussnewton_pulls_in_no_harness_dependency():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"import gaussnewton imported {proc.stdout.strip()}"
+
+
+def test_harness_wheel_ships_the_data_and_the_command(tmp_path):
+    from gaussnewton_experiments.datasets import TABLES
+
+    with _build_wheel(tmp_path, "experiments") as zf:
+        names = set(zf.namelist())
+        entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        entry_points = zf.read(entry).decode()
+    assert {f"gaussnewton_experiments/data/{t.file}" for t in TABLES.values()} <= names
+    assert "gaussnewton_experiments/rl/dqn.py" in names
+    assert not [n for n in names if n.startswith("gaussnewton/")]  # the library is not bundled
+    assert "gaussnewton-experiments = gaussnewton_experiments.cli:main" in entry_points
 
 
 def test_harness_package_declares_its_data_and_command():
