@@ -256,3 +256,18 @@ def test_selection_is_by_validation_never_by_test():
     (row,) = summarize({"x": seeds}, "m", higher_is_better=False, target=None)
     assert row["at_best_val"] == pytest.approx((7.5, 0.5))  # 7 and 8
     assert row["final"] == pytest.approx((3.5, 0.5)) and "best" not in row
+
+
+def test_supervised_metric_follows_the_registered_task():
+    """The task comes from the loader's declaration, not from a list of names in supervised.py."""
+    from gaussnewton_experiments.supervised import supervised_experiment
+
+    R.register_dataset("_cli_cls", lambda split="test": None, task="classification", overwrite=True)
+    R.register_dataset("_cli_reg", lambda split="test": None, task="regression", overwrite=True)
+    cls, reg = supervised_experiment("_cli_cls"), supervised_experiment("_cli_reg")
+    assert (cls.metric, cls.higher_is_better) == ("test_accuracy", True)
+    assert (reg.metric, reg.higher_is_better) == ("test_rmse", False)
+    for name, spec in R.list_datasets().items():  # every built-in declares its task
+        assert spec.task in R.DATASET_TASKS, name
+    with pytest.raises(ValueError, match="task of data set '_cli_bad' must be one of"):
+        R.register_dataset("_cli_bad", lambda split="test": None, task="ranking")
