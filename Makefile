@@ -1,6 +1,9 @@
 # Two commands for a fresh machine (they create .venv and install what they need):
 #   make main   -- the default experiment: EGN vs Adam vs SGD on California Housing (bundled data)
-#   make test   -- the test suite
+#   make test   -- the test suite (library tests and harness tests)
+# Two packages live in this repository: the library `gaussnewton` (pyproject.toml, core
+# dependencies only) and the experiment harness `gaussnewton-experiments` (experiments/, with the
+# data sets, the RL code and the `gaussnewton-experiments` command). Both install editable.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,19 +15,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[experiments]"
+$(VENV)/.installed: pyproject.toml experiments/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e . -e experiments
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[experiments,dev]"
+$(VENV)/.installed-dev: pyproject.toml experiments/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[dev]" -e "experiments[rl]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 main: install
-	$(BIN)/gaussnewton run california_housing --out $(OUT)
+	$(BIN)/gaussnewton-experiments run california_housing --out $(OUT)
 
 test: install-dev
 	$(BIN)/python -m pytest -n 2 -q

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("gymnax", reason="DQN needs the optional extra gymnax (gaussnewton[rl])")
+pytest.importorskip(
+    "gymnax", reason="DQN needs the optional extra gymnax (gaussnewton-experiments[rl])"
+)
 
 import gaussnewton as gn  # noqa: E402
-from gaussnewton.experiments.rl.dqn import DQNConfig, DQNLearner, q_all, q_taken  # noqa: E402
+from gaussnewton_experiments.rl.dqn import DQNConfig, DQNLearner, q_all, q_taken  # noqa: E402
 
 TINY = DQNConfig(
     num_envs=4,

@@ -9,8 +9,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import gaussnewton as gn  # noqa: E402
-from gaussnewton.experiments.rl import lqr  # noqa: E402
-from gaussnewton.experiments.rl.qlearning import LQRLearner, QLConfig  # noqa: E402
+from gaussnewton_experiments.rl import lqr  # noqa: E402
+from gaussnewton_experiments.rl.qlearning import LQRLearner, QLConfig  # noqa: E402
 
 TINY = lqr.LQRSystem(
     name="tiny",
@@ -123,7 +123,7 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_registered_lqr_experiment_yields_rows():
-    from gaussnewton.experiments.registry import RunConfig, get_experiment
+    from gaussnewton_experiments.registry import RunConfig, get_experiment
 
     spec = get_experiment("lqr_ac1")
     cfg = RunConfig(

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaussnewton.experiments import registry as R
-from gaussnewton.experiments.cli import main
-from gaussnewton.experiments.datasets import load_california_housing
-from gaussnewton.experiments.models import count_params, make_model
-from gaussnewton.experiments.records import Records
-from gaussnewton.experiments.runner import run_experiment
-from gaussnewton.experiments.supervised import _batch_indices, _make_eval
+from gaussnewton_experiments import registry as R
+from gaussnewton_experiments.cli import main
+from gaussnewton_experiments.datasets import load_california_housing
+from gaussnewton_experiments.models import count_params, make_model
+from gaussnewton_experiments.records import Records
+from gaussnewton_experiments.report import at_best_validation
+from gaussnewton_experiments.runner import run_experiment
+from gaussnewton_experiments.supervised import _batch_indices, _make_eval
 
 CALLS: list[tuple[str, int, float]] = []
 FAIL_ONCE: set[tuple[str, int]] = set()
@@ -119,7 +120,7 @@ def test_models_shapes_and_lecun_init():
     # LeCun normal: std 1/sqrt(fan_in) (25088 draws: the estimate is good to ~0.5%)
     assert float(jnp.std(w)) == pytest.approx(1.0 / math.sqrt(7 * 7 * 16), rel=0.03)
     assert float(jnp.abs(w).max()) <= 2.0 / math.sqrt(7 * 7 * 16) / 0.87962566 + 1e-6  # truncated
-    from gaussnewton.experiments.models import _maxpool2
+    from gaussnewton_experiments.models import _maxpool2
 
     z = jax.random.normal(key, (2, 7, 6, 3))
     ref = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
@@ -135,6 +136,11 @@ def test_evaluation_rmse_is_in_original_units():
     pred = np.asarray(fn(p, jnp.asarray(ds.x_test)), np.float64)[:, 0] * ds.y_std + ds.y_mean
     truth = ds.y_test[:, 0].astype(np.float64) * ds.y_std + ds.y_mean
     assert m["test_rmse"] == pytest.approx(np.sqrt(np.mean((pred - truth) ** 2)), rel=1e-4)
+    # the validation part (held out of x_train) is scored the same way, under val_* keys
+    mv = _make_eval(fn, ds, "squared_error", eval_batch=1000, part="val")(p)
+    pv = np.asarray(fn(p, jnp.asarray(ds.x_val)), np.float64)[:, 0]
+    rmse_v = np.sqrt(np.mean((pv - ds.y_val[:, 0].astype(np.float64)) ** 2)) * ds.y_std
+    assert mv["val_rmse"] == pytest.approx(rmse_v, rel=1e-4) and mv["val_metric"] == mv["val_rmse"]
 
 
 def test_cli_list(capsys):
@@ -166,6 +172,14 @@ def test_cli_smoke_california_egn_adam_and_resume(tmp_path):
     assert all(r["train_time"] >= 0 and "eval_time" in r for r in rows)
     assert len(rows[-1]["trace"]["loss"]) == 10  # per-step info kept
     assert (out / "california_housing.png").exists() and (out / "summary.md").exists()
+    # every test row is also scored on the validation part; the summary selects by it
+    assert all(math.isfinite(r["val_rmse"]) and r["val_metric"] == r["val_rmse"] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    egn_rows = next(rs for k, rs in recs.rows().items() if done[k]["config"]["optimizer"] == "egn")
+    egn = next(r for r in summary if r["optimizer"] == "egn")
+    assert egn["at_best_val"][0] == pytest.approx(
+        at_best_validation(egn_rows, "test_rmse", higher=False), rel=1e-12
+    )
     n_lines = len(recs.read())
     assert main(argv) == 0  # resume: nothing to redo
     new = recs.read()[n_lines:]

@@ -1,6 +1,6 @@
 """Run an experiment: tuning, seeds, incremental records with resume, summary and plots.
 
-:func:`run_experiment` is what ``gaussnewton run`` calls; it works for every registered experiment
+:func:`run_experiment` is what ``gaussnewton-experiments run`` calls; it works for every registered experiment
 (supervised or RL) because it only talks to ``ExperimentSpec.run``.
 """
 
@@ -17,15 +17,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gaussnewton.experiments.records import Records, versions
-from gaussnewton.experiments.registry import (
+from gaussnewton_experiments.records import Records, versions
+from gaussnewton_experiments.registry import (
     ExperimentSpec,
     RunConfig,
     get_experiment,
     get_optimizer,
 )
 
-__all__ = ["run_experiment", "ExperimentResult", "Reporter", "select_winner"]
+__all__ = [
+    "run_experiment",
+    "ExperimentResult",
+    "Reporter",
+    "select_winner",
+    "check_positive",
+    "check_seeds",
+]
 
 
 class Reporter(Protocol):
@@ -87,6 +94,28 @@ def _score(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool, last: i
     return float(np.median(vals)) if vals else worst
 
 
+def check_positive(name: str, value: Any) -> int:
+    """``value`` as an int if it is a positive integer, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def check_seeds(seeds: int | Sequence[int]) -> list[int]:
+    """Seeds 0..K-1 for a count K >= 1, or the given distinct non-negative integer seeds."""
+    if isinstance(seeds, int | np.integer) and not isinstance(seeds, bool):
+        return list(range(check_positive("seeds", seeds)))
+    out = list(seeds)
+    bad = [s for s in out if isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0]
+    if not out or bad:
+        raise ValueError(
+            f"seeds must be a count >= 1 or a non-empty list of integers >= 0, got {seeds!r}."
+        )
+    if len(set(out)) != len(out):
+        raise ValueError(f"seeds must be distinct (a repeated seed is the same run), got {out}.")
+    return [int(s) for s in out]
+
+
 def select_winner(
     candidates: Sequence[Mapping[str, Any]], scores: Sequence[float], higher_is_better: bool
 ) -> int:
@@ -123,33 +152,53 @@ def run_experiment(
     Args:
         optimizers: registered optimizer names (default: the experiment's defaults).
         seeds: a count K (seeds 0..K-1) or explicit seeds.
-        steps, batch_size, eval_every, time_budget: budget of each test run (defaults from spec).
+        steps, batch_size, eval_every, time_budget: budget of each test run (defaults from spec;
+            the first three must be positive integers, ``time_budget`` >= 0 s, 0: no limit).
         tune: select each optimizer's hyper-parameters from its grid on the validation split
             (``tune_steps`` steps, seed ``tune_seed``), then run the winner on the test split.
         hparams: ``{optimizer: {name: value}}`` overrides (``"*"`` applies to every optimizer);
             they are kept fixed during tuning.
-        options: overrides of the experiment's ``options``.
+        options: overrides of the experiment's ``options`` (only the names it knows,
+            :meth:`ExperimentSpec.known_options`).
         out: output folder (default ``results/<name>``); holds ``records.jsonl``, the plots,
             ``summary.md`` and ``summary.json``.
+
+    Raises:
+        ValueError: a budget out of range, bad seeds or an unknown option (before anything runs).
+        KeyError: an unknown experiment or optimizer name.
+
+    A run that raises is recorded (``"error"`` record) and listed in ``result.errors``; so is an
+    optimizer whose tuning had no candidate with a finite score (it then has no test runs).
     """
     spec: ExperimentSpec = get_experiment(name)
     rep = reporter or _Silent()
     optimizers = list(optimizers or spec.default_optimizers)
     for o in optimizers:
         get_optimizer(o)  # fail early on an unknown name
-    if seeds is None:
-        seeds = spec.default_seeds
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    steps = int(steps or spec.default_steps)
-    if steps <= 0:
-        raise ValueError(f"steps must be positive, got {steps}.")
-    tune_steps = int(tune_steps or steps)
+    seed_list = check_seeds(spec.default_seeds if seeds is None else seeds)
+    steps = check_positive("steps", spec.default_steps if steps is None else steps)
+    tune_steps = check_positive("tune_steps", steps if tune_steps is None else tune_steps)
     explicit_batch = batch_size is not None
-    batch_size = batch_size or spec.default_batch_size
-    eval_every = int(eval_every or spec.default_eval_every)
+    batch_size = spec.default_batch_size if batch_size is None else batch_size
+    if batch_size is not None:
+        batch_size = check_positive("batch_size", batch_size)
+    eval_every = check_positive(
+        "eval_every", spec.default_eval_every if eval_every is None else eval_every
+    )
     time_budget = time_budget if time_budget is not None else spec.default_time_budget
-    if time_budget is not None and time_budget <= 0:
+    if time_budget is not None and not (isinstance(time_budget, int | float) and time_budget >= 0):
+        raise ValueError(
+            f"time_budget must be a number of seconds >= 0 (0: no limit), got {time_budget!r}."
+        )
+    if time_budget is not None and time_budget == 0:
         time_budget = None  # --time-budget 0: no wall-clock limit, steps only
+    known = spec.known_options()
+    unknown = sorted(set(options or {}) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for experiment {name!r}; known: "
+            f"{', '.join(sorted(known)) or '(none)'}."
+        )
     opts = {**spec.options, **(options or {})}
     hparams = {k: dict(v) for k, v in (hparams or {}).items()}
     out = Path(out or Path("results") / name)
@@ -159,6 +208,11 @@ def run_experiment(
     )
     result = ExperimentResult(experiment=name, out=out, records=records.path)
     done = records.done()
+    if records.corrupt_lines:
+        rep.log(
+            f"[yellow]warning[/yellow] {records.path}: skipped corrupt line(s) "
+            f"{records.corrupt_lines} (cut by a crash?); their runs are redone"
+        )
 
     def exp_hparams(opt: str) -> dict[str, Any]:
         hp = dict(spec.default_hparams.get(opt, {}))
@@ -276,11 +330,37 @@ def run_experiment(
             candidates = [{**get_optimizer(opt).defaults, **exp_hparams(opt),
                            **g, **hparams.get("*", {}), **hparams.get(opt, {})}
                           for g in grids[opt]]  # fmt: skip
-            scores = []
+            scores, outcomes = [], []
             for i, cand in enumerate(candidates):
                 cfg = make_cfg(opt, tune_seed, cand, tune_split, tune_steps)
                 rows = execute(cfg, f"tune {opt} [{i + 1}/{len(candidates)}]")
+                outcomes.append(rows)
                 scores.append(_score(rows or [], spec.metric, spec.higher_is_better))
+            if not any(math.isfinite(v) for v in scores):
+                failed = sum(r is None for r in outcomes)
+                msg = (
+                    f"tune {opt}: no candidate ran ({failed} of {len(candidates)} failed, "
+                    f"{len(candidates) - failed} without a finite {tune_split} {spec.metric}); "
+                    f"{opt} is not run on the test split"
+                )
+                records.append(
+                    {
+                        "type": "tune",
+                        "optimizer": opt,
+                        "split": tune_split,
+                        "steps": tune_steps,
+                        "seed": tune_seed,
+                        "metric": spec.metric,
+                        "grid": candidates,
+                        "scores": scores,
+                        "winner": None,
+                        "error": msg,
+                    }  # fmt: skip
+                )
+                result.errors.append(msg)
+                rep.log(f"[red]error[/red] {msg}")
+                result.test_keys[opt] = []
+                continue
             best = select_winner(candidates, scores, spec.higher_is_better)
             hp = candidates[best]
             result.winners[opt] = hp
@@ -308,7 +388,7 @@ def run_experiment(
                 keys.append(cfg.key)
         result.test_keys[opt] = keys
 
-    from gaussnewton.experiments.report import write_report
+    from gaussnewton_experiments.report import write_report
 
     write_report(result, spec, records, plots=plots)
     return result

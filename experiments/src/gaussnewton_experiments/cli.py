@@ -1,22 +1,28 @@
-"""The ``gaussnewton`` command line: ``gaussnewton list`` and ``gaussnewton run EXPERIMENT``.
+"""The ``gaussnewton-experiments`` command: ``list`` and ``run EXPERIMENT``.
+
+Bad arguments (a budget <= 0, bad seeds, an unwritable ``--out``, an unknown ``--option`` name)
+end with a one-line message and exit status 2, before anything runs; failed runs, or a tuning in
+which no candidate ran, end with status 1.
 
 Examples::
 
-    gaussnewton run california_housing                 # the main job (EGN vs Adam vs SGD)
-    gaussnewton run california_housing --optimizers egn,adam --steps 300 --seeds 1 --out /tmp/ch
-    gaussnewton run diamonds --tune --seeds 3           # tune on validation, report on test
-    gaussnewton run california_housing --set egn.damping=0.01 --set batch_size=64
+    gaussnewton-experiments run california_housing                 # the main job (EGN vs Adam vs SGD)
+    gaussnewton-experiments run california_housing --optimizers egn,adam --steps 300 --seeds 1 --out /tmp/ch
+    gaussnewton-experiments run diamonds --tune --seeds 3           # tune on validation, report on test
+    gaussnewton-experiments run california_housing --set egn.damping=0.01 --set batch_size=64
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "positive_int", "seconds", "seed_list"]
 
 
 def _value(text: str) -> Any:
@@ -30,46 +36,105 @@ def _parse_sets(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["egn.damping=0.01", "batch_size=64"]`` -> ``{"egn": {"damping": 0.01}, "*": {...}}``."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects NAME=VALUE or OPTIMIZER.NAME=VALUE, got {item!r}.")
-        name, value = item.split("=", 1)
+        name, sep, value = item.partition("=")
         opt, _, key = name.rpartition(".")
+        if not sep or not key:
+            raise ValueError(f"--set expects NAME=VALUE or OPTIMIZER.NAME=VALUE, got {item!r}.")
         out.setdefault(opt or "*", {})[key] = _value(value)
     return out
 
 
 def _parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["model='cnn'"]`` -> ``{"model": "cnn"}`` (values are Python literals, else strings)."""
     out = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--option expects NAME=VALUE, got {item!r}.")
-        k, v = item.split("=", 1)
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--option expects NAME=VALUE, got {item!r}.")
         out[k] = _value(v)
     return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number), got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type: distinct comma-separated integers >= 0, e.g. ``0,3,7``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 0 such as 0,3,7, got {text!r}"
+        ) from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 0 such as 0,3,7, got {text!r}"
+        )
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
+def _check_out(out: str) -> str | None:
+    """Why ``out`` cannot hold the records (None when it can; the folder is created)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return f"--out {out!r} is a file, not a folder; pass a folder for records and plots"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--out {out!r}: cannot create the folder ({exc.strerror or exc})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"--out {out!r}: the folder is not writable"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     p = argparse.ArgumentParser(
-        prog="gaussnewton",
+        prog="gaussnewton-experiments",
         description="Exact Gauss-Newton (EGN) experiments: offline data, EGN vs Adam vs SGD.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list experiments, optimizers and data sets")
-    r = sub.add_parser("run", help="run an experiment (see `gaussnewton list`)")
+    r = sub.add_parser("run", help="run an experiment (see `gaussnewton-experiments list`)")
     r.add_argument("experiment")
     r.add_argument("--optimizers", help="comma-separated optimizer names (default: experiment's)")
-    r.add_argument("--steps", type=int, help="training steps per run")
-    r.add_argument("--seeds", type=int, help="number of seeds (0..K-1)")
-    r.add_argument("--seed-list", help="explicit comma-separated seeds (overrides --seeds)")
-    r.add_argument("--out", help="output folder (default results/<experiment>)")
-    r.add_argument("--batch-size", type=int, help="mini-batch size")
-    r.add_argument("--eval-every", type=int, help="evaluate every N steps")
+    r.add_argument("--steps", type=positive_int, help="training steps per run (>= 1)")
+    r.add_argument("--seeds", type=positive_int, help="number of seeds (0..K-1)")
     r.add_argument(
-        "--time-budget", type=float, help="training seconds per run (stops early); 0: none"
+        "--seed-list", type=seed_list, help="explicit comma-separated seeds (overrides --seeds)"
+    )
+    r.add_argument("--out", help="output folder (default results/<experiment>)")
+    r.add_argument("--batch-size", type=positive_int, help="mini-batch size (>= 1)")
+    r.add_argument("--eval-every", type=positive_int, help="evaluate every N steps (>= 1)")
+    r.add_argument(
+        "--time-budget", type=seconds, help="training seconds per run (stops early); 0: none"
     )
     r.add_argument("--tune", action="store_true", help="tune each optimizer on validation first")
-    r.add_argument("--tune-steps", type=int, help="steps of each tuning run (default --steps)")
+    r.add_argument(
+        "--tune-steps", type=positive_int, help="steps of each tuning run (default --steps)"
+    )
     r.add_argument(
         "--set",
         action="append",
@@ -93,10 +158,10 @@ def _cmd_list() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gaussnewton.experiments.registry import list_datasets, list_experiments, list_optimizers
+    from gaussnewton_experiments.registry import list_datasets, list_experiments, list_optimizers
 
     console = Console()
-    t = Table(title="experiments (gaussnewton run NAME)")
+    t = Table(title="experiments (gaussnewton-experiments run NAME)")
     for col in ("name", "metric", "defaults", "description"):
         t.add_column(col)
     for name, spec in list_experiments().items():
@@ -188,19 +253,18 @@ class _RichReporter:
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rich.console import Console
 
-    from gaussnewton.experiments.registry import get_experiment
-    from gaussnewton.experiments.report import summary_table
-    from gaussnewton.experiments.runner import run_experiment
+    from gaussnewton_experiments.registry import get_experiment
+    from gaussnewton_experiments.report import summary_table
+    from gaussnewton_experiments.runner import run_experiment
 
     console = Console()
     try:
-        get_experiment(args.experiment)
+        spec = get_experiment(args.experiment)
     except KeyError as exc:
         console.print(f"[red]{exc.args[0]}[/red]")
         return 2
-    seeds: Any = args.seeds
-    if args.seed_list:
-        seeds = [int(s) for s in args.seed_list.split(",") if s]
+    seeds: Any = args.seed_list if args.seed_list else args.seeds
+    hparams, options = args.hparams, args.options  # an unknown option name: ValueError below
     with _RichReporter(console, args.quiet) as rep:
         try:
             res = run_experiment(
@@ -215,15 +279,15 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 time_budget=args.time_budget,
                 tune=args.tune,
                 tune_steps=args.tune_steps,
-                hparams=_parse_sets(args.set),
-                options=_parse_options(args.option),
+                hparams=hparams,
+                options=options,
                 out=args.out,
                 plots=not args.no_plot,
                 reporter=rep,
                 argv=list(argv),
             )
         except (KeyError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {exc.args[0] if exc.args else exc}")
             return 2
     if res.summary:
         spec = get_experiment(args.experiment)
@@ -236,17 +300,25 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     console.print(f"summary: {res.out / 'summary.md'}")
     if res.errors:
         console.print(
-            f"[red]{len(res.errors)} run(s) failed[/red] (see records): " + "; ".join(res.errors)
+            f"[red]{len(res.errors)} error(s)[/red] (see records): " + "; ".join(res.errors)
         )
         return 1
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gaussnewton`` console script."""
+    """Entry point of the ``gaussnewton-experiments`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    from gaussnewton.experiments._blas import limit_blas_threads
+    parser = build_parser()
+    args = parser.parse_args(argv)  # type and range errors: message + exit status 2
+    if args.command == "run":
+        try:
+            args.hparams, args.options = _parse_sets(args.set), _parse_options(args.option)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if args.out is not None and (why := _check_out(args.out)):
+            parser.error(why)
+    from gaussnewton_experiments._blas import limit_blas_threads
 
     limit_blas_threads()  # LAPACK threads would compete with XLA's (see _blas)
     if args.command == "list":

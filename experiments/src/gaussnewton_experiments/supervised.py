@@ -1,4 +1,4 @@
-"""Supervised training loop (EXPERIMENTS.md section 2) and the supervised experiments.
+"""Supervised training loop (protocol: docs/experiments.md) and the supervised experiments.
 
 One run = (data set, model, optimizer, hyper-parameters, seed). Protocol:
 - per-seed shuffle of the training set each epoch, contiguous batches, last partial batch dropped;
@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaussnewton.experiments.datasets import Dataset, load_dataset
-from gaussnewton.experiments.models import count_params, make_model
-from gaussnewton.experiments.optimizers import loss_value
-from gaussnewton.experiments.registry import (
+from gaussnewton_experiments.datasets import Dataset, load_dataset
+from gaussnewton_experiments.models import count_params, make_model
+from gaussnewton_experiments.optimizers import loss_value
+from gaussnewton_experiments.registry import (
     ExperimentSpec,
     RunConfig,
+    get_dataset,
     get_optimizer,
     register_experiment,
 )
@@ -68,12 +69,20 @@ def _batch_indices(n: int, batch: int, seed: int, start_step: int, num_steps: in
     return out
 
 
-def _make_eval(model_fn, ds: Dataset, loss: str, eval_batch: int):
-    n = ds.n_test
+def _make_eval(model_fn, ds: Dataset, loss: str, eval_batch: int, part: str = "eval"):
+    """``metrics(params) -> dict`` on the evaluation arrays of ``ds.split`` (``part="eval"``: keys
+    ``test_*`` / ``val_*`` and ``metric``) or on the validation part (``part="val"``: keys
+    ``val_*`` and ``val_metric``), in batches of ``eval_batch`` (last one padded and masked)."""
+    if part == "val":
+        x0, y0, prefix, main_key = ds.x_val, ds.y_val, "val", "val_metric"
+    else:
+        x0, y0 = ds.x_test, ds.y_test
+        prefix, main_key = ("test" if ds.split == "test" else "val"), "metric"
+    n = int(x0.shape[0])
     nb = math.ceil(n / eval_batch)
     pad = nb * eval_batch - n
-    x = np.concatenate([ds.x_test, np.repeat(ds.x_test[:1], pad, 0)]) if pad else ds.x_test
-    y = np.concatenate([ds.y_test, np.repeat(ds.y_test[:1], pad, 0)]) if pad else ds.y_test
+    x = np.concatenate([x0, np.repeat(x0[:1], pad, 0)]) if pad else x0
+    y = np.concatenate([y0, np.repeat(y0[:1], pad, 0)]) if pad else y0
     xb = jnp.asarray(x.reshape(nb, eval_batch, *x.shape[1:]))
     yb = jnp.asarray(y.reshape(nb, eval_batch, *y.shape[1:]))
     mask = jnp.asarray((np.arange(nb * eval_batch) < n).reshape(nb, eval_batch), jnp.float32)
@@ -99,14 +108,13 @@ def _make_eval(model_fn, ds: Dataset, loss: str, eval_batch: int):
 
     def metrics(params) -> dict[str, float]:
         lo, er, co = (float(v) for v in evaluate(params))
-        prefix = "test" if ds.split == "test" else "val"
         out = {f"{prefix}_loss": lo}
         if ds.task == "regression":
             out[f"{prefix}_rmse"] = math.sqrt(er) * ds.y_std
-            out["metric"] = out[f"{prefix}_rmse"]
+            out[main_key] = out[f"{prefix}_rmse"]
         else:
             out[f"{prefix}_accuracy"] = co
-            out["metric"] = co
+            out[main_key] = co
         return out
 
     return metrics
@@ -118,10 +126,18 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     ``cfg.options``: ``dataset`` (name), ``model`` ("mlp" | "cnn"), optional ``dataset_kwargs``,
     ``hidden``, ``activation``, ``eval_batch``. The row's primary metric is stored under both its
     own name (``test_rmse`` / ``test_accuracy``, or ``val_*`` on the validation split) and
-    ``metric``.
+    ``metric``. On the test split every row also holds the same metric on the validation part
+    (``val_rmse`` / ``val_accuracy`` and ``val_metric``), which the summary uses to select an
+    evaluation (the training part never contains the validation part).
     """
     opts = dict(cfg.options)
     ds = cached_dataset(opts["dataset"], cfg.split, **dict(opts.get("dataset_kwargs", {})))
+    declared = get_dataset(opts["dataset"]).task
+    if ds.task != declared:
+        raise ValueError(
+            f"data set {opts['dataset']!r} is registered with task={declared!r} but its loader "
+            f"returned task={ds.task!r}; fix the register_dataset(..., task=...) declaration."
+        )
     loss = loss_for(ds)
     hp = dict(cfg.hparams)
     batch = int(hp.get("batch_size", cfg.batch_size or 128))
@@ -141,7 +157,19 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     opt = get_optimizer(cfg.optimizer).build(model_fn, loss, hp)
     state = opt.init(params)
     x_all, y_all = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-    evaluate = _make_eval(model_fn, ds, loss, int(opts.get("eval_batch", 2048)))
+    eval_batch = int(opts.get("eval_batch", 2048))
+    evaluate_split = _make_eval(model_fn, ds, loss, eval_batch)
+    # test runs are also scored on the validation part (held out of training in every run), so
+    # the summary can pick an evaluation by validation score, never by the test score
+    evaluate_val = (
+        _make_eval(model_fn, ds, loss, eval_batch, part="val")
+        if cfg.split == "test" and ds.n_val
+        else None
+    )
+
+    def evaluate(params):
+        out = evaluate_split(params)
+        return {**out, **evaluate_val(params)} if evaluate_val is not None else out
 
     def chunk(params, state, x_all, y_all, idx, start):
         def body(carry, inp):
@@ -231,6 +259,18 @@ SUPERVISED_EGN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# the ``cfg.options`` names :func:`run_supervised` reads (``--option NAME=VALUE``)
+SUPERVISED_OPTIONS = (
+    "dataset",
+    "model",
+    "dataset_kwargs",
+    "hidden",
+    "activation",
+    "eval_batch",
+    "trace",
+)
+
+
 def supervised_experiment(
     dataset: str,
     *,
@@ -246,8 +286,12 @@ def supervised_experiment(
     hparams: dict[str, dict[str, Any]] | None = None,
     **options: Any,
 ) -> ExperimentSpec:
-    """An :class:`ExperimentSpec` training ``model`` on ``dataset`` with :func:`run_supervised`."""
-    ds_task = "regression" if dataset in _REGRESSION else "classification"
+    """An :class:`ExperimentSpec` training ``model`` on ``dataset`` with :func:`run_supervised`.
+
+    The metric follows the data set's registered ``task`` (``register_dataset(..., task=...)``):
+    ``test_rmse`` (lower is better) for a regression, ``test_accuracy`` (higher) otherwise.
+    """
+    ds_task = get_dataset(dataset).task
     return ExperimentSpec(
         run=run_supervised,
         description=description,
@@ -265,11 +309,10 @@ def supervised_experiment(
             for name in {*SUPERVISED_EGN_DEFAULTS, *(hparams or {})}
         },
         options={"dataset": dataset, "model": model, **options},
+        option_keys=SUPERVISED_OPTIONS,
         extra={"dataset": dataset, "model": model},
     )
 
-
-_REGRESSION = {"california_housing", "diamonds", "bikeshare", "sine"}
 
 _BUILTIN = {
     "california_housing": supervised_experiment(

@@ -1,9 +1,12 @@
 """Summary table (Markdown + JSON) and plots (PNG) of an experiment's finished runs.
 
-Per optimizer, over seeds (mean +- std): final and best metric, the metric at a common wall-clock
-time (the shortest mean training time among the optimizers, so methods compare at EQUAL time),
-time and steps to reach the experiment's target, training steps per second (compilation and
-evaluation excluded) and the evaluation time.
+Per optimizer, over seeds (mean +- std): the final metric; the metric at the evaluation with the
+best VALIDATION score (``val_metric`` of the row, measured on a validation part held out of the
+training data; never a selection on the test set, which would flatter every method; "-" for
+experiments without a validation part); the metric at a common wall-clock time (the shortest mean
+training time among the optimizers, so methods compare at EQUAL time); time and steps to reach the
+experiment's target, training steps per second (compilation and evaluation excluded) and the
+evaluation time.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["summarize", "summary_markdown", "summary_table", "plot_runs", "write_report"]
+__all__ = [
+    "summarize",
+    "at_best_validation",
+    "summary_markdown",
+    "summary_table",
+    "plot_runs",
+    "write_report",
+]
 
 
 def _metric(row: Mapping[str, Any], metric: str) -> float:
@@ -31,6 +41,28 @@ def _at_time(rows: Sequence[Mapping[str, Any]], metric: str, t: float) -> float:
         if r["train_time"] <= t + 1e-12:
             val = _metric(r, metric)
     return val
+
+
+def at_best_validation(rows: Sequence[Mapping[str, Any]], metric: str, higher: bool) -> float:
+    """``metric`` of the evaluation whose ``val_metric`` is best (the first one on ties; non-finite
+    validation scores never win); NaN when no row has a finite ``val_metric``.
+
+    Example: rows with ``val_metric`` 0.5, 0.3, 0.4 (lower is better) select the second row's
+    test metric, whatever the test metric of the others.
+    """
+    i = _best_validation_index(rows, higher)
+    return math.nan if i is None else _metric(rows[i], metric)
+
+
+def _best_validation_index(rows: Sequence[Mapping[str, Any]], higher: bool) -> int | None:
+    best, index = None, None
+    for i, r in enumerate(rows):
+        v = r.get("val_metric")
+        if v is None or not math.isfinite(float(v)):
+            continue
+        if best is None or (float(v) > best if higher else float(v) < best):
+            best, index = float(v), i
+    return index
 
 
 def _reach(rows, metric, target, higher):
@@ -66,13 +98,7 @@ def summarize(
     for opt, seeds in runs.items():
         finals = [_metric(rs[-1], metric) for rs in seeds]
         diverged = sum(not math.isfinite(v) for v in finals)
-        pick = max if higher_is_better else min
-        bests = [
-            pick(
-                [v for v in (_metric(r, metric) for r in rs) if math.isfinite(v)], default=math.nan
-            )
-            for rs in seeds
-        ]
+        selected = [at_best_validation(rs, metric, higher_is_better) for rs in seeds]
         at_t = [_at_time(rs, metric, t_common) for rs in seeds]
         times = [rs[-1]["train_time"] for rs in seeds]
         steps = [rs[-1]["step"] for rs in seeds]
@@ -85,7 +111,7 @@ def summarize(
                 "seeds": len(seeds),
                 "diverged": diverged,
                 "final": _ms(finals),
-                "best": _ms(bests),
+                "at_best_val": _ms(selected),
                 "at_common_time": _ms(at_t),
                 "common_time": t_common,
                 "train_time": _ms(times),
@@ -109,29 +135,68 @@ def _fmt(ms: tuple[float, float], digits: int = 4) -> str:
     return f"{m:.{digits}g} ± {s:.2g}"
 
 
+def _num(x: float, digits: int) -> str:
+    """``x`` with ``digits`` significant digits in few characters: no exponent from 1 to 10^6
+    (``1.2e+03`` -> ``1234``), a short one otherwise (``1.23e-05`` -> ``1.23e-5``)."""
+    text = f"{x:.{digits}g}"
+    if "e" in text:
+        if 1 <= abs(x) < 1e6:
+            return f"{x:.0f}"
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def _short(ms: tuple[float, float], digits: int = 3) -> str:
+    """Compact ``mean±std`` for the terminal (``0.543±0.01``, std to one significant digit)."""
+    m, s = ms
+    if not math.isfinite(m):
+        return "-"
+    return f"{_num(m, digits)}±{_num(s, 1)}"
+
+
+TERMINAL_WIDTH = 80
+
+
 def summary_table(summary: Sequence[Mapping[str, Any]], metric: str, higher: bool):
-    """A compact ``rich.table.Table`` of the summary for the terminal."""
+    """The summary as a ``rich.table.Table`` that reads in an 80-column terminal.
+
+    Compact cells (3 significant digits, ``mean±std``), no vertical rules and cells that never wrap;
+    the full table (more digits, steps and time to target, train / eval seconds, hyper-parameters)
+    is in ``summary.md`` (:func:`summary_markdown`). Columns: optimizer, seeds (diverged), final
+    metric, metric at the best validation score (``@best val``), metric at the common wall-clock
+    time, time to target (reached/seeds), training steps per second (``it/s``).
+    """
+    from rich import box
     from rich.table import Table
 
     arrow = "↑" if higher else "↓"
-    t = Table(title=f"{metric} {arrow} (mean ± std over seeds)")
+    t = Table(
+        title=f"{metric} {arrow} (mean±std over seeds; all columns: summary.md)",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),  # with the blank column rule: 2 spaces between columns
+    )
     common = summary[0]["common_time"] if summary else math.nan
-    for col in ("optimizer", "seeds (div.)", "final", "best", f"@ {common:.3g} s", "time to target",
-                "steps/s"):  # fmt: skip
-        t.add_column(col)
+    target = summary[0].get("target") if summary else None
+    heads = ("optimizer", "seeds", "final", "@best val", f"@{_num(common, 3)} s",
+             f"to {_num(target, 3)}" if target is not None else "to target", "it/s")  # fmt: skip
+    for i, col in enumerate(heads):
+        t.add_column(col, no_wrap=True, justify="left" if i == 0 else "right")
     for r in summary:
+        if math.isfinite(r["time_to_target"][0]):
+            reach = f"{_num(r['time_to_target'][0], 2)} s {r['reached']}"
+        else:
+            reach = f"- {r['reached']}" if r["reached"] else "-"
         t.add_row(
             r["optimizer"],
             f"{r['seeds']} ({r['diverged']})",
-            _fmt(r["final"]),
-            _fmt(r["best"]),
-            _fmt(r["at_common_time"]),
-            (
-                f"{_fmt(r['time_to_target'], 3)} s ({r['reached']})"
-                if math.isfinite(r["time_to_target"][0])
-                else f"- ({r['reached'] or 'no target'})"
-            ),
-            _fmt(r["steps_per_s"], 4),
+            _short(r["final"]),
+            _short(r["at_best_val"]),
+            _short(r["at_common_time"]),
+            reach,
+            _num(r["steps_per_s"][0], 2) if math.isfinite(r["steps_per_s"][0]) else "-",
         )
     return t
 
@@ -144,7 +209,8 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], metric: str, higher: 
     target = summary[0]["target"]
     arrow = "↑" if higher else "↓"
     head = (
-        f"| optimizer | seeds (diverged) | final {metric} {arrow} | best {metric} | {metric} @ {t:.3g} s "
+        f"| optimizer | seeds (diverged) | final {metric} {arrow} | {metric} at best validation "
+        f"| {metric} @ {t:.3g} s "
         f"| time to {target} (s) | steps to {target} | reached | steps/s | train s | eval s "
         "| hyper-parameters |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -153,7 +219,8 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], metric: str, higher: 
     for r in summary:
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
         lines.append(
-            f"| {r['optimizer']} | {r['seeds']} ({r['diverged']}) | {_fmt(r['final'])} | {_fmt(r['best'])} "
+            f"| {r['optimizer']} | {r['seeds']} ({r['diverged']}) | {_fmt(r['final'])} "
+            f"| {_fmt(r['at_best_val'])} "
             f"| {_fmt(r['at_common_time'])} | {_fmt(r['time_to_target'], 3)} "
             f"| {_fmt(r['steps_to_target'], 3)} | {r['reached']} | {_fmt(r['steps_per_s'], 4)} "
             f"| {_fmt(r['train_time'], 3)} | {_fmt(r['eval_time'], 2)} | {hp} |"
@@ -177,7 +244,8 @@ def plot_runs(
     higher_is_better: bool = False,
 ) -> Path:
     """PNG with three panels: metric vs training wall-clock, metric vs step, training loss vs step
-    (mean +- std over seeds per optimizer)."""
+    (mean +- std over seeds per optimizer). Dots on the metric-vs-step panel mark the evaluation
+    each seed's summary selects (best validation score), when the rows have ``val_metric``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,6 +267,11 @@ def plot_runs(
         pos = ts > 0  # log time axis: the step-0 evaluation (t = 0) is left out
         _band(axes[0], ts[pos], ys[:, pos], label, col)
         _band(axes[1], st, ys, label, col)
+        picks = [(rs[i]["step"], _metric(rs[i], metric)) for rs in seeds
+                 if (i := _best_validation_index(rs, higher_is_better)) is not None]  # fmt: skip
+        if picks:  # the evaluations the summary selects (best validation score), one per seed
+            px, py = np.asarray(picks, float).T
+            axes[1].scatter(px, py, color=col, marker="o", s=18, zorder=3, edgecolors="k", lw=0.5)
         all_vals.append(ys[np.isfinite(ys)])
         tl = np.array([[r.get("train_loss", math.nan) for r in rs[1:n]] for rs in seeds], float)
         if tl.size and np.isfinite(tl).any():

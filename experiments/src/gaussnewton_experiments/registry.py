@@ -1,7 +1,7 @@
-"""Open registries of experiments, optimizers and data sets used by the ``gaussnewton`` CLI.
+"""Open registries of experiments, optimizers and data sets used by the ``gaussnewton-experiments`` CLI.
 
 Everything the CLI can run is looked up here by name, so a new experiment, optimizer or data set
-joins with ONE call and immediately gets the command line (``gaussnewton list`` / ``gaussnewton
+joins with ONE call and immediately gets the command line (``gaussnewton-experiments list`` / ``gaussnewton
 run``), incremental JSON-lines records with resume, tuning, plots and the Markdown summary.
 
 Experiments
@@ -27,7 +27,7 @@ and optionally "eval_time" (seconds spent evaluating so far), "train_loss" and a
 finished when the iterable is exhausted; finished runs are skipped when the command is re-run with
 the same configuration (``RunConfig.key``). A run should stop early, cleanly, when
 ``cfg.time_budget`` (seconds of training time) is exceeded. Supervised experiments
-(``gaussnewton.experiments.supervised``) and the RL ones (``gaussnewton.experiments.rl``) both plug
+(``gaussnewton_experiments.supervised``) and the RL ones (``gaussnewton_experiments.rl``) both plug
 in through this callable with their own training loop.
 
 Optimizers
@@ -51,9 +51,11 @@ of ``gaussnewton`` (EGN variants, SGN, IGND, SQN, dual GN) each join with one ca
 
 Data sets
 ---------
-``register_dataset(name, loader, description=...)`` with ``loader(**kwargs) -> Dataset`` (see
-``gaussnewton.experiments.datasets.Dataset``: train/test arrays, task, number of classes, target
-scaling and provenance).
+``register_dataset(name, loader, task=..., description=...)`` with ``loader(**kwargs) -> Dataset``
+(see ``gaussnewton_experiments.datasets.Dataset``: train/test arrays, task, number of classes, target
+scaling and provenance). ``task`` ("regression" or "classification") is the loader's declaration of
+what its data sets are: supervised experiments take their metric (RMSE or accuracy) from it without
+loading the data.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ __all__ = [
     "ExperimentSpec",
     "OptimizerSpec",
     "DatasetSpec",
+    "DATASET_TASKS",
     "RunConfig",
     "register_experiment",
     "register_optimizer",
@@ -121,12 +124,12 @@ class ExperimentSpec:
 
     Attributes:
         run: ``run(cfg: RunConfig) -> Iterable[dict]`` trains one configuration and yields rows.
-        description: one line shown by ``gaussnewton list``.
+        description: one line shown by ``gaussnewton-experiments list``.
         metric: key of the primary metric in the rows (plots, summary, tuning).
         higher_is_better: direction of ``metric`` (accuracy, return: True; RMSE: False).
         target: metric value whose first crossing defines "time to target" in the summary.
         default_optimizers / default_steps / default_seeds / default_batch_size /
-        default_eval_every: what ``gaussnewton run NAME`` uses without flags.
+        default_eval_every: what ``gaussnewton-experiments run NAME`` uses without flags.
         default_time_budget: default training-time budget per run (seconds) or None.
         x_label: what a "step" counts (for plots), e.g. "training step", "environment step".
         supports_validation: False when ``cfg.split`` has no meaning (then ``--tune`` selects on
@@ -135,6 +138,8 @@ class ExperimentSpec:
             value}}``, applied over the optimizer's own defaults when not tuning (e.g. the
             winners of a ``--tune`` run; say which in ``description`` or the docs).
         options: default experiment-specific options put into ``RunConfig.options``.
+        option_keys: further option names ``run`` understands (overridable with ``--option``
+            although they have no default in ``options``); see :meth:`known_options`.
         extra: free-form metadata recorded with the run (data set name, model, ...).
     """
 
@@ -153,7 +158,13 @@ class ExperimentSpec:
     supports_validation: bool = True
     default_hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    option_keys: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def known_options(self) -> frozenset[str]:
+        """Names accepted in ``RunConfig.options`` overrides: ``options``' keys and
+        ``option_keys`` (the runner refuses any other name, listing these)."""
+        return frozenset(self.options) | frozenset(self.option_keys)
 
 
 @dataclass(frozen=True)
@@ -173,9 +184,14 @@ class OptimizerSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A data set: ``loader(**kwargs) -> Dataset`` plus a one-line description."""
+    """A data set: ``loader(**kwargs) -> Dataset``, its task and a one-line description.
+
+    ``task`` is ``"regression"`` or ``"classification"`` (every ``Dataset`` the loader returns has
+    this ``task``); supervised experiments derive their metric and its direction from it.
+    """
 
     loader: Callable[..., Any]
+    task: str
     description: str = ""
 
 
@@ -193,7 +209,7 @@ def _check_name(kind: str, name: str) -> None:
 
 
 def register_experiment(name: str, spec: ExperimentSpec, *, overwrite: bool = False) -> None:
-    """Register an experiment under ``name`` (``gaussnewton run NAME``)."""
+    """Register an experiment under ``name`` (``gaussnewton-experiments run NAME``)."""
     _check_name("experiment", name)
     if not isinstance(spec, ExperimentSpec):
         raise TypeError(f"spec must be an ExperimentSpec, got {type(spec).__name__}.")
@@ -225,14 +241,32 @@ def register_optimizer(
     )
 
 
+DATASET_TASKS = ("regression", "classification")
+
+
 def register_dataset(
-    name: str, loader: Callable[..., Any], *, description: str = "", overwrite: bool = False
+    name: str,
+    loader: Callable[..., Any],
+    *,
+    task: str,
+    description: str = "",
+    overwrite: bool = False,
 ) -> None:
-    """Register a data set ``loader(**kwargs) -> Dataset`` under ``name``."""
+    """Register a data set ``loader(**kwargs) -> Dataset`` of kind ``task`` under ``name``.
+
+    Example::
+
+        register_dataset("my_table", load_my_table, task="regression", description="...")
+    """
     _check_name("data set", name)
+    if task not in DATASET_TASKS:
+        raise ValueError(
+            f"task of data set {name!r} must be one of {DATASET_TASKS}, got {task!r}; declare "
+            "what the loader returns (RMSE is reported for regression, accuracy otherwise)."
+        )
     if name in _DATASETS and not overwrite:
         raise ValueError(f"data set {name!r} is already registered; pass overwrite=True.")
-    _DATASETS[name] = DatasetSpec(loader=loader, description=description)
+    _DATASETS[name] = DatasetSpec(loader=loader, task=task, description=description)
 
 
 def load_builtins() -> None:
@@ -247,13 +281,13 @@ def load_builtins() -> None:
     import importlib
 
     for mod in (
-        "gaussnewton.experiments.datasets",
-        "gaussnewton.experiments.optimizers",
-        "gaussnewton.experiments.supervised",
+        "gaussnewton_experiments.datasets",
+        "gaussnewton_experiments.optimizers",
+        "gaussnewton_experiments.supervised",
     ):
         importlib.import_module(mod)
     try:
-        importlib.import_module("gaussnewton.experiments.rl")
+        importlib.import_module("gaussnewton_experiments.rl")
     except ImportError:  # optional extra (e.g. gymnax) not installed, or no RL package yet
         pass
 
@@ -262,7 +296,9 @@ def _lookup(table: Mapping[str, Any], kind: str, name: str) -> Any:
     load_builtins()
     if name not in table:
         known = ", ".join(sorted(table)) or "(none)"
-        raise KeyError(f"unknown {kind} {name!r}; known: {known}. See `gaussnewton list`.")
+        raise KeyError(
+            f"unknown {kind} {name!r}; known: {known}. See `gaussnewton-experiments list`."
+        )
     return table[name]
 
 

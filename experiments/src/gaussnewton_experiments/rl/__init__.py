@@ -7,4 +7,4 @@
   ``dqn_acrobot`` (imported here so that the registry's ``load_builtins`` finds them).
 """
 
-from gaussnewton.experiments.rl import register as register  # noqa: F401  (registers)
+from gaussnewton_experiments.rl import register as register  # noqa: F401  (registers)

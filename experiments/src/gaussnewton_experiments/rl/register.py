@@ -1,4 +1,4 @@
-"""Registers the RL experiments with the ``gaussnewton`` CLI (see ``experiments.registry``).
+"""Registers the RL experiments with the ``gaussnewton-experiments`` CLI (see ``gaussnewton_experiments.registry``).
 
 ``lqr_ac1`` / ``lqr_bdt1``: metric ``h_error_rel`` = ‖H* − H_t‖_F / ‖H* − H_0‖_F (lower is
 better, target 0.05). ``dqn_cartpole`` / ``dqn_acrobot``: metric ``return`` = mean greedy return
@@ -13,14 +13,16 @@ from collections.abc import Iterator
 
 import jax
 
-from gaussnewton.experiments.optimizers import egn_factory
-from gaussnewton.experiments.registry import (
+from gaussnewton_experiments.optimizers import egn_factory
+from gaussnewton_experiments.registry import (
     ExperimentSpec,
     RunConfig,
     get_optimizer,
     register_experiment,
     register_optimizer,
 )
+from gaussnewton_experiments.rl.dqn import DQNConfig
+from gaussnewton_experiments.rl.qlearning import QLConfig
 
 __all__ = ["run_lqr", "run_dqn"]
 
@@ -41,8 +43,8 @@ def _split_options(options, config_cls, defaults):
 
 def run_lqr(cfg: RunConfig) -> Iterator[dict]:
     """One LQR Q-learning run (optimizer, seed, hyper-parameters) yielding ``h_error`` rows."""
-    from gaussnewton.experiments.rl.lqr import make_system
-    from gaussnewton.experiments.rl.qlearning import DEFAULT_CONFIGS, LQRLearner, QLConfig
+    from gaussnewton_experiments.rl.lqr import make_system
+    from gaussnewton_experiments.rl.qlearning import DEFAULT_CONFIGS, LQRLearner
 
     options = dict(cfg.options)
     system = make_system(options.get("system", "AC1"))
@@ -58,7 +60,7 @@ def run_lqr(cfg: RunConfig) -> Iterator[dict]:
 
 def run_dqn(cfg: RunConfig) -> Iterator[dict]:
     """One DQN run yielding greedy-evaluation ``return`` rows against environment steps."""
-    from gaussnewton.experiments.rl.dqn import DEFAULT_DQN_CONFIGS, DQNConfig, DQNLearner
+    from gaussnewton_experiments.rl.dqn import DEFAULT_DQN_CONFIGS, DQNLearner
 
     options = dict(cfg.options)
     env_name = options.get("env", "CartPole-v1")
@@ -91,6 +93,7 @@ _LQR_COMMON = dict(
     default_eval_every=50,
     x_label="training step",
     supports_validation=False,
+    option_keys=("system", *(f.name for f in dataclasses.fields(QLConfig))),
 )
 
 register_experiment(
@@ -123,6 +126,7 @@ _DQN_COMMON = dict(
     default_seeds=5,
     x_label="environment step",
     supports_validation=False,
+    option_keys=("env", *(f.name for f in dataclasses.fields(DQNConfig))),
 )
 
 register_experiment(

@@ -1,7 +1,7 @@
 """Q-function learning on LQR with Gauss-Newton TD steps (policy evaluation + improvement).
 
 Model: ``q_θ(x, u) = zᵀ H_θ z`` with ``z = [x; u]`` and ``θ`` the upper triangle of the symmetric
-``H_θ`` (:func:`~gaussnewton.experiments.rl.lqr.q_value`, ``model_fn(θ, z) -> (b,)``).
+``H_θ`` (:func:`~gaussnewton_experiments.rl.lqr.q_value`, ``model_fn(θ, z) -> (b,)``).
 
 One training step (all inside ``lax.scan`` under ``jit``):
 
@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaussnewton.experiments.rl.common import info_scalars
-from gaussnewton.experiments.rl.lqr import (
+from gaussnewton_experiments.rl.common import info_scalars
+from gaussnewton_experiments.rl.lqr import (
     LQRSystem,
     gain_from_h,
     num_features,

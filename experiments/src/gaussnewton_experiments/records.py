@@ -10,6 +10,12 @@ Each line is a JSON object with a ``type``:
 
 Rows of a run that was interrupted before its ``done`` line are ignored by :meth:`Records.rows`
 and the run is redone from scratch on the next invocation (its newest ``start`` wins).
+
+A crash (or a full disk) can cut the last line mid-write. Opening the file repairs that before
+anything is appended: a file that does not end with a newline gets one, so the cut line stays a
+line of its own (kept for inspection) and the next record starts on a fresh line instead of being
+glued onto it and lost. :meth:`Records.read` skips lines that are not valid JSON objects and lists
+their line numbers in :attr:`Records.corrupt_lines`.
 """
 
 from __future__ import annotations
@@ -59,12 +65,38 @@ def _clean(value: Any) -> Any:
 
 
 class Records:
-    """Append-only JSON-lines record at ``folder / "records.jsonl"``."""
+    """Append-only JSON-lines record at ``folder / "records.jsonl"``.
+
+    Attributes:
+        repaired: True when opening found a cut last line (no trailing newline) and ended it.
+        corrupt_lines: 1-based numbers of the lines the last :meth:`read` skipped (not JSON).
+
+    Example::
+
+        recs = Records("results/demo")
+        recs.append({"type": "session", "argv": []})
+        assert recs.read()[-1]["type"] == "session"
+    """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "records.jsonl"
+        self.corrupt_lines: list[int] = []
+        self.repaired = self._end_cut_line()
+
+    def _end_cut_line(self) -> bool:
+        """Terminate a last line that a crash left without its newline (see the module doc)."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return False
+        with open(self.path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return False
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return True
 
     def append(self, obj: dict[str, Any]) -> None:
         """Write one line and flush it to disk (so an interrupted run keeps what it did)."""
@@ -75,19 +107,25 @@ class Records:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict[str, Any]]:
-        """All records (a truncated last line from a crash is skipped)."""
+        """All records, oldest first; lines that are not JSON objects (a line cut by a crash) are
+        skipped and their numbers kept in :attr:`corrupt_lines`."""
+        self.corrupt_lines = []
         if not self.path.exists():
             return []
         out = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
                 line = line.strip()
                 if not line:
                     continue
                 try:
-                    out.append(json.loads(line))
+                    obj = json.loads(line)
                 except json.JSONDecodeError:
-                    continue
+                    obj = None
+                if isinstance(obj, dict):
+                    out.append(obj)
+                else:
+                    self.corrupt_lines.append(number)
         return out
 
     def done(self) -> dict[str, dict[str, Any]]:

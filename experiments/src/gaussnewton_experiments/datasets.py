@@ -1,15 +1,17 @@
-"""Offline data sets for the supervised experiments (EXPERIMENTS.md sections 1 and 2).
+"""Offline data sets for the supervised experiments (protocol: docs/experiments.md).
 
 Nothing here downloads anything. Tables are shipped with the package under
-``gaussnewton/experiments/data/`` as xz-compressed CSV files (readable with numpy + pandas only);
+``gaussnewton_experiments/data/`` as xz-compressed CSV files (readable with numpy + pandas only);
 each is verified against its SHA-256 checksum on load. Fashion-MNIST is read from the Debian
 package ``dataset-fashion-mnist`` (or a folder you give); digits come with scikit-learn; sine is
 generated.
 
-Protocol (section 2): official train/test split where one exists, otherwise a 10% hold-out with
-split seed 1337; ``split="validation"`` carves a further 10% validation part from the TRAINING part
-only (same seed) and returns it as the "test" arrays, for tuning. Standardisation statistics are fit
-on the returned training part only (no leakage); categoricals are one-hot (categories seen in the
+Protocol: official train/test split where one exists, otherwise a 10% hold-out with split seed
+1337; a further 10% validation part is carved from the TRAINING part only (same seed) in every
+split, so every run trains on the same examples and can be scored on validation data it never saw:
+``split="test"`` returns the test arrays as ``x_test`` and the validation part as ``x_val``;
+``split="validation"`` (tuning) returns the validation part as both. Standardisation statistics
+are fit on the returned training part only (no leakage); categoricals are one-hot (categories seen in the
 training part; unseen ones encode as all zeros); images are scaled to [0, 1]. Regression targets are
 standardised for training with the training part's mean / std (``Dataset.y_mean``, ``y_std``);
 :func:`rmse_original_units` maps predictions back so RMSE is reported in the original units.
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gaussnewton.experiments.registry import register_dataset
+from gaussnewton_experiments.registry import register_dataset
 
 __all__ = [
     "Dataset",
@@ -53,9 +55,12 @@ VALIDATION_FRACTION = 0.1
 class Dataset:
     """Arrays ready for training (float32 features; targets float32 (n, 1) or int32 labels (n,)).
 
-    ``x_mean`` / ``x_std`` are the standardisation statistics (fit on ``x_train``'s raw values,
-    numeric columns only; ``None`` for images), ``y_mean`` / ``y_std`` the target scaling of a
-    regression (identity for classification). ``num_outputs`` is the model's output width ``c``.
+    ``x_test`` / ``y_test`` are the evaluation arrays of ``split`` (the test set, or the
+    validation part when ``split == "validation"``); ``x_val`` / ``y_val`` the validation part
+    carved from the training part (held out of ``x_train`` in every split). ``x_mean`` / ``x_std``
+    are the standardisation statistics (fit on ``x_train``'s raw values, numeric columns only;
+    ``None`` for images), ``y_mean`` / ``y_std`` the target scaling of a regression (identity for
+    classification). ``num_outputs`` is the model's output width ``c``.
     """
 
     name: str
@@ -74,6 +79,8 @@ class Dataset:
     feature_names: tuple[str, ...] = ()
     image_shape: tuple[int, ...] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def n_train(self) -> int:
@@ -82,6 +89,10 @@ class Dataset:
     @property
     def n_test(self) -> int:
         return int(self.x_test.shape[0])
+
+    @property
+    def n_val(self) -> int:
+        return 0 if self.x_val is None else int(self.x_val.shape[0])
 
 
 @dataclass(frozen=True)
@@ -239,7 +250,7 @@ def cache_dir() -> Path:
 
 
 def _shipped_path(filename: str) -> Path:
-    return Path(str(resources.files("gaussnewton.experiments").joinpath("data", filename)))
+    return Path(str(resources.files("gaussnewton_experiments").joinpath("data", filename)))
 
 
 def read_table(name: str, *, path: str | os.PathLike | None = None, verify: bool = True):
@@ -284,15 +295,29 @@ def split_indices(n: int, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.n
     return np.sort(perm[n_out:]), np.sort(perm[:n_out])
 
 
+def _check_split(split: str) -> None:
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+
+
+def _carve_validation(n_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, validation) positions within a training part of ``n_train`` examples."""
+    return split_indices(n_train, VALIDATION_FRACTION, SPLIT_SEED)
+
+
+def _split_index(n: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, validation, evaluation) of the hold-out protocol: the test hold-out, then
+    the validation part carved from the training part; evaluation = test, or validation."""
+    _check_split(split)
+    train, test = split_indices(n, TEST_FRACTION, SPLIT_SEED)
+    keep, val = _carve_validation(len(train))
+    return train[keep], train[val], (test if split == "test" else train[val])
+
+
 def _train_test_index(n: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Indices of (train, evaluation) for ``split`` in {"test", "validation"} (hold-out protocol)."""
-    train, test = split_indices(n, TEST_FRACTION, SPLIT_SEED)
-    if split == "test":
-        return train, test
-    if split == "validation":
-        keep, val = split_indices(len(train), VALIDATION_FRACTION, SPLIT_SEED)
-        return train[keep], train[val]
-    raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+    train, _, evaluation = _split_index(n, split)
+    return train, evaluation
 
 
 def _standardize(train: np.ndarray, *others: np.ndarray):
@@ -324,36 +349,38 @@ def prepare_table(
 
     if target not in df.columns:
         raise KeyError(f"target column {target!r} not in the table (columns: {list(df.columns)}).")
-    tr_idx, te_idx = _train_test_index(len(df), split)
+    tr_idx, va_idx, te_idx = _split_index(len(df), split)
     feats = df.drop(columns=[target])
     numeric = [c for c in feats.columns if c not in categorical]
-    tr, te = feats.iloc[tr_idx], feats.iloc[te_idx]
+    parts = [feats.iloc[i] for i in (tr_idx, va_idx, te_idx)]  # train, validation, evaluation
 
-    x_num_tr = tr[numeric].to_numpy(np.float64)
-    x_num_te = te[numeric].to_numpy(np.float64)
-    x_mean, x_std, (x_num_tr, x_num_te) = _standardize(x_num_tr, x_num_te)
-    blocks_tr, blocks_te, names = [x_num_tr], [x_num_te], list(numeric)
+    x_mean, x_std, nums = _standardize(*(p[numeric].to_numpy(np.float64) for p in parts))
+    blocks, names = [[x] for x in nums], list(numeric)
     for col in categorical:
-        cats = sorted(pd.unique(tr[col].astype(str)))
-        blocks_tr.append(tr[col].astype(str).to_numpy()[:, None] == np.array(cats)[None, :])
-        blocks_te.append(te[col].astype(str).to_numpy()[:, None] == np.array(cats)[None, :])
+        cats = np.array(sorted(pd.unique(parts[0][col].astype(str))))
+        for b, p in zip(blocks, parts, strict=True):
+            b.append(p[col].astype(str).to_numpy()[:, None] == cats[None, :])
         names += [f"{col}={c}" for c in cats]
-    x_tr = np.concatenate(blocks_tr, axis=1).astype(np.float32)
-    x_te = np.concatenate(blocks_te, axis=1).astype(np.float32)
+    x_tr, x_va, x_te = (np.concatenate(b, axis=1).astype(np.float32) for b in blocks)
 
     y = df[target]
     if task == "regression":
         y_all = y.to_numpy(np.float64)
-        y_tr, y_te = y_all[tr_idx], y_all[te_idx]
-        y_mean = float(y_tr.mean()) if standardize_target else 0.0
-        y_std = float(y_tr.std()) if standardize_target else 1.0
+        y_mean = float(y_all[tr_idx].mean()) if standardize_target else 0.0
+        y_std = float(y_all[tr_idx].std()) if standardize_target else 1.0
+
+        def scaled(i):
+            return ((y_all[i] - y_mean) / y_std).astype(np.float32)[:, None]
+
         return Dataset(
             name=name,
             task=task,
             x_train=x_tr,
-            y_train=((y_tr - y_mean) / y_std).astype(np.float32)[:, None],
+            y_train=scaled(tr_idx),
             x_test=x_te,
-            y_test=((y_te - y_mean) / y_std).astype(np.float32)[:, None],
+            y_test=scaled(te_idx),
+            x_val=x_va,
+            y_val=scaled(va_idx),
             num_outputs=1,
             split=split,
             y_mean=y_mean,
@@ -378,6 +405,8 @@ def prepare_table(
         y_train=labels[tr_idx],
         x_test=x_te,
         y_test=labels[te_idx],
+        x_val=x_va,
+        y_val=labels[va_idx],
         num_outputs=1 if n_cls == 2 else n_cls,
         num_classes=n_cls,
         split=split,
@@ -406,7 +435,9 @@ def _with_info(ds: Dataset, name: str, extra: dict[str, Any] | None = None) -> D
             units=t.units,
         )
     ds.info.update(extra or {})
-    ds.info.update(n_train=ds.n_train, n_test=ds.n_test, n_features=int(ds.x_train.shape[1]))
+    ds.info.update(
+        n_train=ds.n_train, n_val=ds.n_val, n_test=ds.n_test, n_features=int(ds.x_train.shape[1])
+    )
     return ds
 
 
@@ -476,13 +507,14 @@ def load_reviews(
     t = TABLES["reviews"]
     verify = path is None
     df = read_table("reviews", path=path, verify=verify)
-    tr_idx, te_idx = _train_test_index(len(df), split)
+    tr_idx, va_idx, te_idx = _split_index(len(df), split)
     labels = df[t.target].to_numpy().astype(np.int32)
     digest = t.sha256[:12] if verify else sha256_file(path)[:12]
-    cache = cache_dir() / f"reviews-{digest}-{split}-{dims}-{max_features}.npz"
+    # v2: the training part excludes the validation part in every split (and val is stored)
+    cache = cache_dir() / f"reviews-v2-{digest}-{split}-{dims}-{max_features}.npz"
     if use_cache and cache.exists():
         z = np.load(cache)
-        f_tr, f_te = z["train"], z["test"]
+        f_tr, f_va, f_te = z["train"], z["val"], z["test"]
     else:
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -490,20 +522,22 @@ def load_reviews(
         text = df["text"].fillna("").astype(str).to_numpy()
         vec = TfidfVectorizer(ngram_range=(1, 2), max_features=max_features, sublinear_tf=True)
         a_tr = vec.fit_transform(text[tr_idx])
-        a_te = vec.transform(text[te_idx])
         n_comp = min(dims, a_tr.shape[1] - 1, a_tr.shape[0] - 1)
         svd = TruncatedSVD(n_components=n_comp, random_state=SPLIT_SEED)
         f_tr = svd.fit_transform(a_tr).astype(np.float32)
-        f_te = svd.transform(a_te).astype(np.float32)
+        f_va = svd.transform(vec.transform(text[va_idx])).astype(np.float32)
+        f_te = svd.transform(vec.transform(text[te_idx])).astype(np.float32)
         if use_cache:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(".tmp.npz")
-                np.savez_compressed(tmp, train=f_tr, test=f_te)
+                np.savez_compressed(tmp, train=f_tr, val=f_va, test=f_te)
                 os.replace(tmp, cache)
             except OSError:  # read-only home: just do without the cache
                 pass
-    x_mean, x_std, (x_tr, x_te) = _standardize(f_tr.astype(np.float64), f_te.astype(np.float64))
+    x_mean, x_std, (x_tr, x_va, x_te) = _standardize(
+        *(f.astype(np.float64) for f in (f_tr, f_va, f_te))
+    )
     ds = Dataset(
         name="reviews",
         task="classification",
@@ -511,6 +545,8 @@ def load_reviews(
         y_train=labels[tr_idx],
         x_test=x_te.astype(np.float32),
         y_test=labels[te_idx],
+        x_val=x_va.astype(np.float32),
+        y_val=labels[va_idx],
         num_outputs=1,
         num_classes=2,
         split=split,
@@ -570,7 +606,8 @@ def load_fashion_mnist(
     Looks in ``data_dir``, ``$GAUSSNEWTON_FASHION_MNIST`` and the Debian location
     (``/usr/share/datasets/fashion-mnist``). ``verify`` (default: True unless ``data_dir`` is
     given) checks the decompressed files against the release's SHA-256 checksums.
-    ``split="validation"`` holds out 10% of the official training set (seed 1337).
+    The validation part is 10% of the official training set (seed 1337), held out of
+    ``x_train`` in both splits.
     """
     folder = _find_fashion_mnist(data_dir)
     if verify is None:
@@ -589,11 +626,11 @@ def load_fashion_mnist(
     y_tr = arrays["train-labels"].astype(np.int32)
     x_te = arrays["t10k-images"].astype(np.float32)[..., None] / 255.0
     y_te = arrays["t10k-labels"].astype(np.int32)
+    _check_split(split)
+    keep, val = _carve_validation(len(x_tr))
+    x_tr, y_tr, x_va, y_va = x_tr[keep], y_tr[keep], x_tr[val], y_tr[val]
     if split == "validation":
-        keep, val = split_indices(len(x_tr), VALIDATION_FRACTION, SPLIT_SEED)
-        x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[val], y_tr[val]
-    elif split != "test":
-        raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+        x_te, y_te = x_va, y_va
     ds = Dataset(
         name="fashion_mnist",
         task="classification",
@@ -601,6 +638,8 @@ def load_fashion_mnist(
         y_train=y_tr,
         x_test=x_te,
         y_test=y_te,
+        x_val=x_va,
+        y_val=y_va,
         num_outputs=10,
         num_classes=10,
         split=split,
@@ -624,7 +663,7 @@ def load_digits(split: str = "test") -> Dataset:
     d = _sk_digits()
     x = (d.images.astype(np.float32) / 16.0)[..., None]
     y = d.target.astype(np.int32)
-    tr, te = _train_test_index(len(x), split)
+    tr, va, te = _split_index(len(x), split)
     ds = Dataset(
         name="digits",
         task="classification",
@@ -632,6 +671,8 @@ def load_digits(split: str = "test") -> Dataset:
         y_train=y[tr],
         x_test=x[te],
         y_test=y[te],
+        x_val=x[va],
+        y_val=y[va],
         num_outputs=10,
         num_classes=10,
         split=split,
@@ -660,11 +701,11 @@ def load_sine(
     x_te = rng.uniform(-1.0, 1.0, size=(n_test, 1))
     y_tr = np.sin(omega * x_tr) + noise * rng.standard_normal((n_train, 1))
     y_te = np.sin(omega * x_te) + noise * rng.standard_normal((n_test, 1))
+    _check_split(split)
+    keep, val = _carve_validation(n_train)
+    x_tr, y_tr, x_va, y_va = x_tr[keep], y_tr[keep], x_tr[val], y_tr[val]
     if split == "validation":
-        keep, val = split_indices(n_train, VALIDATION_FRACTION, SPLIT_SEED)
-        x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[val], y_tr[val]
-    elif split != "test":
-        raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+        x_te, y_te = x_va, y_va
     ds = Dataset(
         name="sine",
         task="regression",
@@ -672,6 +713,8 @@ def load_sine(
         y_train=y_tr.astype(np.float32),
         x_test=x_te.astype(np.float32),
         y_test=y_te.astype(np.float32),
+        x_val=x_va.astype(np.float32),
+        y_val=y_va.astype(np.float32),
         num_outputs=1,
         split=split,
     )
@@ -682,32 +725,47 @@ def load_sine(
     )
 
 
+# name -> (loader, task, description); the task is the loader's declaration (registry.DatasetSpec)
 _LOADERS = {
-    "california_housing": load_california_housing,
-    "diamonds": load_diamonds,
-    "bikeshare": load_bikeshare,
-    "adult": load_adult,
-    "reviews": load_reviews,
-    "fashion_mnist": load_fashion_mnist,
-    "digits": load_digits,
-    "sine": load_sine,
+    "california_housing": (
+        load_california_housing,
+        TABLES["california_housing"].task,
+        "regression, 20640 x 8, shipped (0.5 MB)",
+    ),
+    "diamonds": (
+        load_diamonds,
+        TABLES["diamonds"].task,
+        "regression, 53940 x 9 (3 categorical), shipped (0.4 MB)",
+    ),
+    "bikeshare": (
+        load_bikeshare,
+        TABLES["bikeshare"].task,
+        "regression, 8645 x 12 (2011 hourly), shipped (58 kB)",
+    ),
+    "adult": (
+        load_adult,
+        TABLES["adult"].task,
+        "binary classification, 48842 x 14, shipped (0.4 MB)",
+    ),
+    "reviews": (
+        load_reviews,
+        TABLES["reviews"].task,
+        "binary text classification, 22641 reviews, shipped text (1.7 MB) -> TF-IDF+SVD 300",
+    ),
+    "fashion_mnist": (
+        load_fashion_mnist,
+        "classification",
+        "10-class 28x28 images, 60000/10000, Debian package dataset-fashion-mnist",
+    ),
+    "digits": (load_digits, "classification", "10-class 8x8 images, 1797, scikit-learn"),
+    "sine": (load_sine, "regression", "regression, generated sin(omega x), 7000/3000"),
 }
-_DESCRIPTIONS = {
-    "california_housing": "regression, 20640 x 8, shipped (0.5 MB)",
-    "diamonds": "regression, 53940 x 9 (3 categorical), shipped (0.4 MB)",
-    "bikeshare": "regression, 8645 x 12 (2011 hourly), shipped (58 kB)",
-    "adult": "binary classification, 48842 x 14, shipped (0.4 MB)",
-    "reviews": "binary text classification, 22641 reviews, shipped text (1.7 MB) -> TF-IDF+SVD 300",
-    "fashion_mnist": "10-class 28x28 images, 60000/10000, Debian package dataset-fashion-mnist",
-    "digits": "10-class 8x8 images, 1797, scikit-learn",
-    "sine": "regression, generated sin(omega x), 7000/3000",
-}
-for _name, _fn in _LOADERS.items():
-    register_dataset(_name, _fn, description=_DESCRIPTIONS[_name])
+for _name, (_fn, _task, _description) in _LOADERS.items():
+    register_dataset(_name, _fn, task=_task, description=_description)
 
 
 def load_dataset(name: str, split: str = "test", **kwargs: Any) -> Dataset:
-    """Load a registered data set by name (see ``gaussnewton list``)."""
-    from gaussnewton.experiments.registry import get_dataset
+    """Load a registered data set by name (see ``gaussnewton-experiments list``)."""
+    from gaussnewton_experiments.registry import get_dataset
 
     return get_dataset(name).loader(split=split, **kwargs)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaussnewton.experiments.rl.common import info_scalars
+from gaussnewton_experiments.rl.common import info_scalars
 
 __all__ = ["DQNConfig", "DQNLearner", "DEFAULT_DQN_CONFIGS", "mlp_init", "q_all", "q_taken"]
 
@@ -134,7 +134,7 @@ def _make_env(name: str):
     except ImportError as e:  # optional extra
         raise ImportError(
             f"DQN on {name!r} needs gymnax (>= 1.0.1; it also imports `six`): "
-            "pip install 'gaussnewton[rl]' (or: pip install gymnax six)."
+            "pip install 'gaussnewton-experiments[rl]' (or: pip install gymnax six)."
         ) from e
     env, env_params = gymnax.make(name)
     return env, env_params

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gaussnewton.experiments.registry import register_optimizer
+from gaussnewton_experiments.registry import register_optimizer
 
 __all__ = [
     "LR_GRID",
@@ -41,7 +41,7 @@ EGN_GRID = tuple(
     for lam in (0.03, 0.3, 3.0)
 )
 # Registry defaults of every EGN entry are the library's (learning rate 1, λ = 1e-3); the
-# supervised experiments put a λ floor on top (``SUPERVISED_EGN_DEFAULTS`` in supervised.py).
+# supervised experiments put a λ floor on top (``SUPERVISED_EGN_DEFAULTS`` in gaussnewton_experiments/supervised.py).
 _EGN_DEFAULTS = {"learning_rate": 1.0, "damping": 1e-3}
 EGN_FIXED_GRID = tuple(
     {"learning_rate": lr, "damping": lam, "batch_size": b}

@@ -1,4 +1,4 @@
-"""Small pure-JAX models of the experiments (EXPERIMENTS.md section 2), Flax-style initialised.
+"""Small pure-JAX models of the experiments (protocol: docs/experiments.md), Flax-style initialised.
 
 Parameters are plain pytrees (lists of ``{"w", "b"}`` dicts); weights LeCun-normal (truncated normal
 with variance ``1 / fan_in``, as ``flax.linen.Dense`` / ``Conv``), biases zero. Every ``apply``
