@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= results/california_housing
 
-.PHONY: main test lint install install-dev
+.PHONY: main test docs lint install install-dev
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ main: install
 
 test: install-dev
 	$(BIN)/python -m pytest -n 2 -q
+
+# the API site from the docstrings; warnings are errors (CI runs it after the tests)
+docs: install-dev
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	$(BIN)/mkdocs build --strict -d site
 
 lint: install-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
