@@ -379,7 +379,9 @@ _BUILTIN = {
         model="transformer",
         description="next-character LM on the review texts: 1-block causal transformer (d 32, "
         "2 heads), token accuracy; EGN with sampled curvature (m = 1, row space b·T)",
-        target=0.4,
+        # token accuracy 0.3: the level Adam reaches in these 300 steps (set after the first run;
+        # predicting the most frequent character, a space, scores 0.20)
+        target=0.3,
         steps=300,
         seeds=1,
         batch_size=32,
