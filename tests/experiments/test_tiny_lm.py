@@ -77,7 +77,8 @@ def test_transformer_shapes_and_causality():
 def test_per_token_evaluation_matches_dense_reference():
     """Token accuracy and mean per-token loss over all tokens (n = 10, eval batch 4: the last
     batch is padded and masked). float64 reference; the loss is summed in float64 (tolerance
-    1e-10, sums of 50 O(1) terms), correct-token counts in float32 like the harness's mask (1e-6)."""
+    1e-10, sums of 50 O(1) terms), correct-token counts in float32 like the harness's mask
+    (1e-6)."""
     rng = np.random.default_rng(0)
     n, t, v = 10, 5, 6
     x = rng.integers(0, v, (n, t)).astype(np.int32)

@@ -67,8 +67,8 @@ def loss_value(loss: Any, f: jax.Array, y: jax.Array) -> jax.Array:
 
     ``squared_error``: mean_i 1/2 ||f_i - y_i||^2; ``softmax_cross_entropy``: integer labels (b,) or
     one-hot (b, c), or per-token outputs (b, T, V) with integer labels (b, T) (mean over examples
-    and tokens, as the library's training loss); ``sigmoid_binary_cross_entropy``: c = 1, y in {0, 1}. A ``gaussnewton`` Loss
-    object is evaluated through its ``value`` method.
+    and tokens, as the library's training loss); ``sigmoid_binary_cross_entropy``: c = 1,
+    y in {0, 1}. A ``gaussnewton`` Loss object is evaluated through its ``value`` method.
     """
     if f.ndim == 1:
         f = f[:, None]

@@ -131,8 +131,8 @@ def _make_eval(model_fn, ds: Dataset, loss: str, eval_batch: int, part: str = "e
 def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     """Train one configuration; yield an evaluation row at step 0 and every ``eval_every`` steps.
 
-    ``cfg.options``: ``dataset`` (name), ``model`` ("mlp" | "cnn" | "transformer"), optional ``dataset_kwargs``,
-    ``hidden``, ``activation``, ``eval_batch``. The row's primary metric is stored under both its
+    ``cfg.options``: ``dataset`` (name), ``model`` ("mlp" | "cnn" | "transformer"), optional
+    ``dataset_kwargs``, ``hidden``, ``activation``, ``eval_batch``. The row's primary metric is stored under both its
     own name (``test_rmse`` / ``test_accuracy``, or ``val_*`` on the validation split) and
     ``metric``. On the test split every row also holds the same metric on the validation part
     (``val_rmse`` / ``val_accuracy`` and ``val_metric``), which the summary uses to select an
