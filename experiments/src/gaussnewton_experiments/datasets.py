@@ -44,6 +44,8 @@ __all__ = [
     "rmse_original_units",
     "cache_dir",
     "FASHION_MNIST_SEARCH_PATHS",
+    "CHAR_VOCAB",
+    "encode_chars",
 ]
 
 SPLIT_SEED = 1337
@@ -725,6 +727,107 @@ def load_sine(
     )
 
 
+# ----------------------------------------------------------------------------- characters
+
+CHAR_VOCAB = " abcdefghijklmnopqrstuvwxyz.,!?'-"
+"""Characters of ``reviews_chars`` (ids 0..32, in this order); id 33 is "other" (digits, other
+punctuation, non-ASCII letters). Text is lower-cased and whitespace becomes a space first."""
+CHAR_OTHER = len(CHAR_VOCAB)
+CHAR_VOCAB_SIZE = len(CHAR_VOCAB) + 1
+
+
+def encode_chars(text: str) -> np.ndarray:
+    """Character ids (int32) of ``text``: lower-cased, whitespace -> " ", characters outside
+    :data:`CHAR_VOCAB` -> :data:`CHAR_OTHER`.
+
+    Example: ``encode_chars("Hi 5!")`` -> ``[8, 9, 0, 33, 29]``.
+    """
+    codes = np.frombuffer(text.lower().encode("utf-32-le"), dtype=np.uint32)
+    lut = np.full(128, CHAR_OTHER, np.int32)
+    for i, ch in enumerate(CHAR_VOCAB):
+        lut[ord(ch)] = i
+    for ch in "\t\n\r\x0b\x0c":
+        lut[ord(ch)] = 0
+    out = np.full(codes.shape, CHAR_OTHER, np.int32)
+    ascii_ = codes < 128
+    out[ascii_] = lut[codes[ascii_]]
+    return out
+
+
+def _char_windows(texts: np.ndarray, seq_len: int, cap: int, seed: int):
+    """Concatenate ``texts`` (joined by one space), cut into non-overlapping windows of
+    ``seq_len + 1`` ids and keep a seeded random subset of at most ``cap`` of them (in order).
+    Returns (inputs ids[t], targets ids[t + 1]), both (n, seq_len) int32."""
+    ids = encode_chars(" ".join(texts))
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"the texts hold {len(ids)} characters, fewer than seq_len + 1.")
+    keep = np.arange(n)
+    if n > cap:
+        keep = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+    starts = keep * seq_len
+    win = ids[starts[:, None] + np.arange(seq_len + 1)]
+    return win[:, :-1].copy(), win[:, 1:].copy()
+
+
+def load_reviews_chars(
+    split: str = "test",
+    path: str | None = None,
+    seq_len: int = 32,
+    max_train: int = 20000,
+    max_eval: int = 2000,
+) -> Dataset:
+    """Character-level language modelling on the clothing review texts (``reviews``' table).
+
+    The REVIEWS are split first (10% test, then 10% of the training part as validation, seed
+    1337), so no review contributes to two parts. Each part's texts are lower-cased, encoded with
+    :data:`CHAR_VOCAB` (+ one "other" id, 34 in all), concatenated and cut into non-overlapping
+    windows of ``seq_len + 1`` characters: inputs ``x[i, t] = ids[s_i + t]``, targets
+    ``y[i, t] = ids[s_i + t + 1]`` (both (n, seq_len) int32). A seeded random subset keeps at most
+    ``max_train`` training and ``max_eval`` validation / test sequences.
+
+    Example::
+
+        ds = load_reviews_chars(max_train=64, max_eval=16)
+        ds.x_train.shape, ds.num_outputs  # (64, 32), 34
+    """
+    for arg, v in (("seq_len", seq_len), ("max_train", max_train), ("max_eval", max_eval)):
+        if int(v) < 1:
+            raise ValueError(f"{arg} must be a positive integer, got {v!r}.")
+    df = read_table("reviews", path=path, verify=path is None)
+    text = df["text"].fillna("").astype(str).to_numpy()
+    tr, va, ev = _split_index(len(text), split)
+    x_tr, y_tr = _char_windows(text[tr], seq_len, max_train, SPLIT_SEED)
+    x_va, y_va = _char_windows(text[va], seq_len, max_eval, SPLIT_SEED + 1)
+    x_te, y_te = (
+        (x_va, y_va)
+        if split == "validation"
+        else (_char_windows(text[ev], seq_len, max_eval, SPLIT_SEED + 2))
+    )
+    ds = Dataset(
+        name="reviews_chars",
+        task="classification",
+        x_train=x_tr,
+        y_train=y_tr,
+        x_test=x_te,
+        y_test=y_te,
+        x_val=x_va,
+        y_val=y_va,
+        num_outputs=CHAR_VOCAB_SIZE,
+        num_classes=CHAR_VOCAB_SIZE,
+        split=split,
+    )
+    return _with_info(
+        ds,
+        "reviews",
+        {
+            "features": f"character ids, sequences of {seq_len} (targets shifted by one)",
+            "vocabulary": CHAR_VOCAB + "<other>",
+            "per_token": True,
+        },
+    )
+
+
 # name -> (loader, task, description); the task is the loader's declaration (registry.DatasetSpec)
 _LOADERS = {
     "california_housing": (
@@ -759,6 +862,11 @@ _LOADERS = {
     ),
     "digits": (load_digits, "classification", "10-class 8x8 images, 1797, scikit-learn"),
     "sine": (load_sine, "regression", "regression, generated sin(omega x), 7000/3000"),
+    "reviews_chars": (
+        load_reviews_chars,
+        "classification",
+        "next-character LM on the review texts, 34 symbols, T = 32, 20000/2000 sequences",
+    ),
 }
 for _name, (_fn, _task, _description) in _LOADERS.items():
     register_dataset(_name, _fn, task=_task, description=_description)

@@ -7,7 +7,10 @@ maps ``(params, x) -> (b, c)`` as the library's ``model_fn`` contract requires.
 - regression MLP: Dense 32 -> ReLU -> 64 -> ReLU -> 32 -> ReLU -> 1;
 - classification MLP: the same trunk -> c logits (inputs are flattened, so images work too);
 - small CNN: Conv 16 3x3 -> ReLU -> maxpool 2 -> Conv 16 3x3 -> ReLU -> maxpool 2 -> Dense 32 ->
-  ReLU -> c (NHWC images, SAME padding as Flax's default).
+  ReLU -> c (NHWC images, SAME padding as Flax's default);
+- tiny causal transformer LM: token + position embeddings (dim 32) -> one causal multi-head
+  self-attention block with a residual -> tanh -> Dense V, per-token logits ``(b, T) -> (b, T, V)``
+  (the one model whose outputs are per token).
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["init_mlp", "mlp_apply", "init_cnn", "cnn_apply", "make_model", "count_params"]
+__all__ = [
+    "init_mlp",
+    "mlp_apply",
+    "init_cnn",
+    "cnn_apply",
+    "init_transformer",
+    "transformer_apply",
+    "make_model",
+    "count_params",
+]
 
 _lecun = jax.nn.initializers.lecun_normal()
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -126,6 +138,56 @@ def cnn_apply(params: dict[str, Any], x: jax.Array) -> jax.Array:
     return h @ d2["w"] + d2["b"]
 
 
+def init_transformer(
+    key: jax.Array, seq_len: int, vocab: int, dim: int = 32, heads: int = 2
+) -> dict[str, Any]:
+    """Parameters of :func:`transformer_apply`: ``embed`` (V, d) and ``pos`` (T, d) ~ N(0, 1/d)
+    (so a token's input vector has unit-order norm), ``wq`` / ``wk`` / ``wv`` / ``wo`` (d, d) and
+    ``out`` (d, V) LeCun-normal, ``out_b`` zero. ``heads`` must divide ``dim``."""
+    if dim % heads:
+        raise ValueError(f"heads={heads} must divide dim={dim}; e.g. heads=1 or heads=2.")
+    return _init_transformer_jit(key, int(seq_len), int(vocab), int(dim))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_transformer_jit(key, seq_len, vocab, dim):
+    k = jax.random.split(key, 7)
+    emb = jax.nn.initializers.normal(1.0 / dim**0.5)
+    return {
+        "embed": emb(k[0], (vocab, dim), jnp.float32),
+        "pos": emb(k[1], (seq_len, dim), jnp.float32),
+        **{n: _lecun(kk, (dim, dim), jnp.float32) for n, kk in zip("qkvo", k[2:6], strict=True)},
+        "out": _lecun(k[6], (dim, vocab), jnp.float32),
+        "out_b": jnp.zeros((vocab,), jnp.float32),
+    }
+
+
+def transformer_apply(params: dict[str, Any], ids: jax.Array, heads: int = 2) -> jax.Array:
+    """Causal one-block transformer: integer ids ``(b, T)`` -> next-token logits ``(b, T, V)``.
+
+    With ``h_t = E[ids_t] + P_t`` and per head ``a`` (width ``d_h = d / heads``)
+    ``A = softmax_s(q_t · k_s / sqrt(d_h), s <= t)``, the output is
+    ``logits_t = tanh(h_t + concat_a(sum_s A_ts v_s) W_o) W_out + b_out``: position ``t`` sees
+    ids ``<= t`` only, so ``logits_t`` predicts ``ids_{t+1}``.
+    """
+    ids = ids.astype(jnp.int32)
+    b, t = ids.shape
+    d = params["embed"].shape[1]
+    dh = d // heads
+    h = params["embed"][ids] + params["pos"][:t]
+
+    def split(w):
+        return (h @ w).reshape(b, t, heads, dh)
+
+    q, k, v = split(params["q"]), split(params["k"]), split(params["v"])
+    att = jnp.einsum("btad,bsad->bats", q, k) / jnp.sqrt(jnp.asarray(dh, h.dtype))
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    att = jax.nn.softmax(jnp.where(causal, att, jnp.finfo(att.dtype).min), axis=-1)
+    mixed = jnp.einsum("bats,bsad->btad", att, v).reshape(b, t, d)
+    h = h + mixed @ params["o"]
+    return jnp.tanh(h) @ params["out"] + params["out_b"]
+
+
 def make_model(
     name: str,
     key: jax.Array,
@@ -134,8 +196,19 @@ def make_model(
     *,
     hidden: Sequence[int] = (32, 64, 32),
     activation: str = "relu",
+    heads: int = 2,
 ) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
-    """``(model_fn, params)`` for ``name`` in {"mlp", "cnn"}; ``input_shape`` excludes the batch."""
+    """``(model_fn, params)`` for ``name`` in {"mlp", "cnn", "transformer"}; ``input_shape``
+    excludes the batch.
+
+    ``"transformer"``: ``input_shape = (T,)`` integer ids, ``out_dim`` the vocabulary size V,
+    outputs ``(b, T, V)`` (:func:`transformer_apply`, ``heads`` heads, width 32).
+
+    Example::
+
+        fn, p = make_model("transformer", jax.random.key(0), (32,), 34)
+        fn(p, jnp.zeros((4, 32), jnp.int32)).shape  # (4, 32, 34)
+    """
     if name == "mlp":
         if activation not in _ACTIVATIONS:
             raise ValueError(
@@ -154,7 +227,17 @@ def make_model(
         if len(input_shape) != 3:
             raise ValueError(f"model 'cnn' needs (H, W, C) images, got input shape {input_shape}.")
         return cnn_apply, init_cnn(key, input_shape, out_dim)
-    raise ValueError(f"model must be 'mlp' or 'cnn', got {name!r}.")
+    if name == "transformer":
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"model 'transformer' needs (T,) token-id inputs, got input shape {input_shape}."
+            )
+
+        def lm_fn(p, ids):
+            return transformer_apply(p, ids, heads)
+
+        return lm_fn, init_transformer(key, int(input_shape[0]), out_dim, heads=heads)
+    raise ValueError(f"model must be 'mlp', 'cnn' or 'transformer', got {name!r}.")
 
 
 def count_params(params: Any) -> int:

@@ -66,8 +66,9 @@ def loss_value(loss: Any, f: jax.Array, y: jax.Array) -> jax.Array:
     """Batch-MEAN loss of outputs ``f`` (b, c) for a loss name (library conventions).
 
     ``squared_error``: mean_i 1/2 ||f_i - y_i||^2; ``softmax_cross_entropy``: integer labels (b,) or
-    one-hot (b, c); ``sigmoid_binary_cross_entropy``: c = 1, y in {0, 1}. A ``gaussnewton`` Loss
-    object is evaluated through its ``value`` method.
+    one-hot (b, c), or per-token outputs (b, T, V) with integer labels (b, T) (mean over examples
+    and tokens, as the library's training loss); ``sigmoid_binary_cross_entropy``: c = 1,
+    y in {0, 1}. A ``gaussnewton`` Loss object is evaluated through its ``value`` method.
     """
     if f.ndim == 1:
         f = f[:, None]
@@ -75,7 +76,7 @@ def loss_value(loss: Any, f: jax.Array, y: jax.Array) -> jax.Array:
         y = y.reshape(f.shape)
         return 0.5 * jnp.mean(jnp.sum(jnp.square(f - y), axis=-1))
     if loss == "softmax_cross_entropy":
-        if y.ndim == 1:
+        if y.ndim == f.ndim - 1:  # integer labels: (b,) for (b, c), (b, T) for (b, T, V)
             return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(f, y))
         return jnp.mean(optax.softmax_cross_entropy(f, y))
     if loss == "sigmoid_binary_cross_entropy":
