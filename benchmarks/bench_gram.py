@@ -1,4 +1,4 @@
-"""Gram strategies and EGN step cost on the reference MLPs (EXPERIMENTS.md section 4).
+"""Gram strategies and EGN step cost on the reference MLPs (protocol: benchmarks/README.md).
 
 For each problem it measures, in ONE process and side by side:
 

@@ -1,4 +1,4 @@
-"""Conjugate gradients (gaussnewton.cg) and EGN's ``solver="cg"`` (METHODS.md §4.1), float64.
+"""Conjugate gradients (gaussnewton.cg) and EGN's ``solver="cg"`` (docs/METHODS.md §4.1), float64.
 
 Tolerances: the CG solver against a dense solve 1e-10 relative; row-space CG converged against the
 Cholesky EGN direction 1e-8 relative.

@@ -1,4 +1,4 @@
-"""Dual Gauss-Newton directions (METHODS.md §4.4), float64 with a dense Jacobian reference.
+"""Dual Gauss-Newton directions (docs/METHODS.md §4.4), float64 with a dense Jacobian reference.
 
 - squared error: the dual direction IS the EGN direction with the same λ (1e-10 relative);
 - softmax CE and sigmoid BCE: after enough inner Newton steps the direction equals the minimizer of

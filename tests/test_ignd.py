@@ -1,4 +1,4 @@
-"""IGND (METHODS.md §4.5), float64, scalar-output MLPs.
+"""IGND (docs/METHODS.md §4.5), float64, scalar-output MLPs.
 
 - b = 1: the IGND direction IS the EGN direction (Sherman-Morrison), squared error and BCE, λ > 0
   and λ = 0 (squared error) — 1e-10 relative;

@@ -1,4 +1,4 @@
-"""The shared grid: problems x methods of the Gauss-Newton family (METHODS.md §2, §4, §6).
+"""The shared grid: problems x methods of the Gauss-Newton family (docs/METHODS.md §2, §4, §6).
 
 For every applicable (problem, method) pair, with the method's default policies:
 - the batch loss decreases over a few steps on a fixed batch;

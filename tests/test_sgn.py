@@ -1,4 +1,4 @@
-"""SGN (METHODS.md §4.2) and the Gram-Gauss-Newton preset (§4.3), float64.
+"""SGN (docs/METHODS.md §4.2) and the Gram-Gauss-Newton preset (§4.3), float64.
 
 - SGN with ``max_cg_iters`` well above the parameter count and a tight tolerance equals the EGN
   direction (1e-8 relative), for squared error and softmax CE;

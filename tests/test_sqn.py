@@ -1,4 +1,4 @@
-"""SQN — stochastic L-BFGS with same-batch curvature pairs (METHODS.md §4.6), float64.
+"""SQN — stochastic L-BFGS with same-batch curvature pairs (docs/METHODS.md §4.6), float64.
 
 - the two-loop recursion over the ring buffer equals the dense BFGS inverse-Hessian recursion over
   the newest ``m`` pairs (1e-10 relative), also after the buffer wrapped around;

@@ -2,7 +2,7 @@
 
 The centre is :func:`egn` — the Levenberg-Marquardt direction of the mini-batch generalized
 Gauss-Newton matrix, solved exactly in the small row space — with Armijo line search, adaptive
-damping and momentum. See ``METHODS.md`` for the mathematics.
+damping and momentum. See ``docs/METHODS.md`` for the mathematics.
 """
 
 from gaussnewton._family import make_method

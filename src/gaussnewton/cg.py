@@ -1,4 +1,4 @@
-r"""Conjugate gradients for the Gauss-Newton family (METHODS.md §4.1, §4.2).
+r"""Conjugate gradients for the Gauss-Newton family (docs/METHODS.md §4.1, §4.2).
 
 :func:`cg_solve` solves ``A x = rhs`` for a symmetric positive definite operator given as a
 function ``matvec`` on any pytree (parameter space: SGN; a ``(b, r)`` array: row-space EGN) inside

@@ -1,4 +1,4 @@
-r"""The exact Gauss-Newton (Levenberg-Marquardt) direction, solved in the row space (METHODS.md §2).
+r"""The exact Gauss-Newton (Levenberg-Marquardt) direction, solved in the row space (docs/METHODS.md §2).
 
 Parameter space (the definition, ``d`` unknowns):
 

@@ -1,4 +1,4 @@
-r"""Dual Gauss-Newton directions (Roulet & Blondel, 2023), METHODS.md §4.4.
+r"""Dual Gauss-Newton directions (Roulet & Blondel, 2023), docs/METHODS.md §4.4.
 
 Keep the convex loss exact, linearize only the network — the prox-linear subproblem with
 ``λ = 1/γ``:

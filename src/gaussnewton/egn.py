@@ -1,4 +1,4 @@
-"""Exact Gauss-Newton (EGN): the constructor :func:`egn` (METHODS.md §2).
+"""Exact Gauss-Newton (EGN): the constructor :func:`egn` (docs/METHODS.md §2).
 
 The step machinery (momentum, tx, step size, damping, non-finite guard, info) is the shared
 :class:`~gaussnewton.optimizer.GaussNewtonOptimizer`; EGN contributes its direction function, the

@@ -1,4 +1,4 @@
-r"""Gram-Gauss-Newton (Cai et al., 2019), METHODS.md §4.3 — a preset over EGN (squared loss).
+r"""Gram-Gauss-Newton (Cai et al., 2019), docs/METHODS.md §4.3 — a preset over EGN (squared loss).
 
 On each mini-batch
 

@@ -1,4 +1,4 @@
-r"""IGND — incremental Gauss-Newton descent (Korbit & Zanon), METHODS.md §4.5. Scalar outputs.
+r"""IGND — incremental Gauss-Newton descent (Korbit & Zanon), docs/METHODS.md §4.5. Scalar outputs.
 
 For ONE example the GGN ``q_i j_i j_iᵀ`` has rank one, so by Sherman-Morrison its
 Levenberg-Marquardt direction is a scaled gradient:

@@ -1,4 +1,4 @@
-r"""Row-space linear algebra: damped SPD solves (METHODS.md section 2), and the BLAS thread policy.
+r"""Row-space linear algebra: damped SPD solves (docs/METHODS.md section 2), and the BLAS thread policy.
 
 Thread policy (why the solves here do not call LAPACK by default)
 -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-r"""One batch linearization shared by every method of the family (METHODS.md §1).
+r"""One batch linearization shared by every method of the family (docs/METHODS.md §1).
 
 For a model ``fn(params, x) -> f`` (``(b, c)`` outputs; ``(b,)`` is read as ``c = 1``), a loss and
 labels, :func:`linearize` computes, with ONE forward pass,

@@ -1,4 +1,4 @@
-r"""SGN — stochastic generalized Gauss-Newton (Gargiani et al., 2020), METHODS.md §4.2.
+r"""SGN — stochastic generalized Gauss-Newton (Gargiani et al., 2020), docs/METHODS.md §4.2.
 
 Truncated conjugate gradients in PARAMETER space on the damped GGN system of the mini-batch,
 

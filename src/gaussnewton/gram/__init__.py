@@ -1,4 +1,4 @@
-r"""Gram (empirical NTK) matrices ``K = J Jᵀ`` behind one small interface (METHODS.md section 3).
+r"""Gram (empirical NTK) matrices ``K = J Jᵀ`` behind one small interface (docs/METHODS.md section 3).
 
 A *strategy* is a function ``strategy(model_fn, params, x1, x2) -> K`` where ``model_fn(params, x)``
 returns outputs of shape ``(n, k)`` (always 2-D here), ``x1``/``x2`` are pytrees of arrays with a

@@ -1,4 +1,4 @@
-r"""Losses with closed-form output derivatives, per token (METHODS.md section 1).
+r"""Losses with closed-form output derivatives, per token (docs/METHODS.md section 1).
 
 Every loss acts on model outputs ``f`` of shape ``(b, c)``, or ``(b, *tok, c)`` with one or more
 token axes (language models ``(b, T, V)``, sequence labelling, images ``(b, H, W, c)``), and on

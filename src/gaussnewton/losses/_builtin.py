@@ -1,4 +1,4 @@
-r"""The built-in losses and :class:`ConvexLoss` (per-token closed forms, METHODS.md section 1)."""
+r"""The built-in losses and :class:`ConvexLoss` (per-token closed forms, docs/METHODS.md section 1)."""
 
 from __future__ import annotations
 

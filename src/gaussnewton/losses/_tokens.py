@@ -1,4 +1,4 @@
-r"""Token axes, per-token weights and the per-token factor algebra (METHODS.md section 1).
+r"""Token axes, per-token weights and the per-token factor algebra (docs/METHODS.md section 1).
 
 Outputs ``f`` have shape ``(b, *tok, c)``: a batch axis, zero or more token axes (sequence
 positions, pixels) and ``c`` outputs per token. With weights ``w`` (shape ``(b, *tok)``, ``≥ 0``)

@@ -18,7 +18,7 @@ checkpoint) are inlined. Rules, per leaf:
   recognized (scan/while bodies, a parameter inside custom_jvp/custom_vjp, both operands of a
   product, ...): per-example gradients of THAT leaf only (exact; "fallback" when unrecognized).
 
-See METHODS.md section 3.3. The per-example trace is exact only when examples do not interact
+See docs/METHODS.md section 3.3. The per-example trace is exact only when examples do not interact
 inside ``model_fn``; :func:`structured_gram`, :func:`structured_factors` and :func:`explain` first
 run :func:`gaussnewton.gram.batch_coupling` and, for a batch-coupled model (batch statistics,
 attention across the batch, position-dependent masks), use the exact whole-batch Jacobian
