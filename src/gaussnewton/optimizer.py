@@ -233,8 +233,9 @@ class GaussNewtonOptimizer:
             & tree_all_finite(new_params)
             & jnp.isfinite(loss_after)  # never a step into a non-finite region
             & jnp.asarray(lin.labels_ok, bool)
-            # a line search that found no acceptable step and would raise the loss: rejected
-            & (jnp.asarray(accepted) | (loss_after <= lin.loss.astype(dt)))
+            # a line search that found no acceptable step and would raise the loss (beyond
+            # rounding, √ε relative: a converged step may differ from L(w) by an ulp): rejected
+            & (jnp.asarray(accepted) | (loss_after <= _with_rounding(lin.loss.astype(dt))))
         )
         new_state = GaussNewtonState(
             count=state.count + 1,
@@ -345,6 +346,11 @@ class GaussNewtonOptimizer:
         predicted = (lin_decrease + lin.quad(delta)).astype(lam.dtype)
         rho = gain_ratio(actual, predicted)
         return rho, self.damping_policy.update(lam, rho)
+
+
+def _with_rounding(loss: jax.Array) -> jax.Array:
+    """``L + √ε |L|``: a loss at the new point up to this is "not raised" (rounding, not ascent)."""
+    return loss + jnp.sqrt(jnp.finfo(loss.dtype).eps) * jnp.abs(loss)
 
 
 def quad_from_factor(fn, params, x, factor, identity, scale=1.0):

@@ -155,7 +155,7 @@ def precondition(
         >>> x = 2 * jnp.eye(4)  # J = 2I, H = JᵀJ/4 = I: P u = u / (1 + λ)
         >>> u = precondition(fn, jnp.zeros(4), jnp.ones(4), x, jnp.zeros(4), loss="squared_error",
         ...                  damping=1.0)
-        >>> u.tolist()
+        >>> [round(v, 12) for v in u.tolist()]
         [0.5, 0.5, 0.5, 0.5]
     """
     loss_obj = get_loss(loss)

@@ -92,7 +92,7 @@ def test_library_wheel_requires_only_the_core(library_wheel):
     assert required == CORE_REQUIREMENTS, meta
     extras = {line.split(":", 1)[1].strip() for line in meta.splitlines()
               if line.startswith("Provides-Extra:")}  # fmt: skip
-    assert extras == {"dev"}, extras
+    assert extras == {"dev", "docs"}, extras  # test and API-site tools only
 
 
 def test_import_gaussnewton_pulls_in_no_harness_dependency():
