@@ -50,8 +50,8 @@ def test_update_without_batch_explains():
         tx.update(p, tx.init(p), p)
 
 
-def test_flax_nnx_optimizer():
-    nnx = pytest.importorskip("flax.nnx")
+def _nnx_mlp(nnx):
+    """A 3-8-1 tanh MLP as a Flax NNX module (shared by the nnx.Optimizer tests)."""
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
@@ -61,7 +61,13 @@ def test_flax_nnx_optimizer():
         def __call__(self, x):
             return self.l2(jnp.tanh(self.l1(x)))[:, 0]
 
-    model = MLP(nnx.Rngs(0))
+    return MLP(nnx.Rngs(0))
+
+
+def test_flax_nnx_optimizer():
+    nnx = pytest.importorskip("flax.nnx")
+
+    model = _nnx_mlp(nnx)
     model_fn, params, _ = gn.from_nnx(model)
     x = jax.random.normal(jax.random.key(1), (32, 3), jnp.float32)
     y = jnp.sin(2 * x[:, 0])
@@ -230,15 +236,7 @@ def test_preconditioner_compiles_once_across_steps():
 def test_preconditioner_with_flax_nnx_optimizer():
     nnx = pytest.importorskip("flax.nnx")
 
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.l1 = nnx.Linear(3, 8, rngs=rngs)
-            self.l2 = nnx.Linear(8, 1, rngs=rngs)
-
-        def __call__(self, x):
-            return self.l2(jnp.tanh(self.l1(x)))[:, 0]
-
-    model = MLP(nnx.Rngs(0))
+    model = _nnx_mlp(nnx)
     model_fn, params, _ = gn.from_nnx(model)
     params = jax.tree_util.tree_map(jnp.copy, params)  # a snapshot: the optimizer updates in place
     x = jax.random.normal(jax.random.key(1), (32, 3), jnp.float32)
