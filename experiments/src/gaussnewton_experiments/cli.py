@@ -10,6 +10,7 @@ Examples::
     gaussnewton-experiments run california_housing --optimizers egn,adam --steps 300 --seeds 1 --out /tmp/ch
     gaussnewton-experiments run diamonds --tune --seeds 3           # tune on validation, report on test
     gaussnewton-experiments run california_housing --set egn.damping=0.01 --set batch_size=64
+    gaussnewton-experiments run digits --devices 2  # data-parallel over 2 (forced CPU) devices
 """
 
 from __future__ import annotations
@@ -149,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="experiment option override, e.g. model='cnn'",
     )
+    r.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="train data-parallel over N devices (the batch sharded, the rest replicated; on CPU "
+        "N forced host devices); supervised experiments; batch sizes divisible by N",
+    )
     r.add_argument("--no-plot", action="store_true", help="skip the PNG")
     r.add_argument("--quiet", action="store_true", help="no progress bar, only the final table")
     return p
@@ -285,6 +293,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 plots=not args.no_plot,
                 reporter=rep,
                 argv=list(argv),
+                devices=args.devices,
             )
         except (KeyError, ValueError) as exc:
             console.print(f"[red]error:[/red] {exc.args[0] if exc.args else exc}")
@@ -318,6 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
         if args.out is not None and (why := _check_out(args.out)):
             parser.error(why)
+        if args.devices > 1:  # before anything starts jax's backend
+            from gaussnewton_experiments.devices import request_devices
+
+            try:
+                request_devices(args.devices)
+            except RuntimeError as exc:
+                parser.error(str(exc))
     from gaussnewton_experiments._blas import limit_blas_threads
 
     limit_blas_threads()  # LAPACK threads would compete with XLA's (see _blas)

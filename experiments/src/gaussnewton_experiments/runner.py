@@ -128,6 +128,31 @@ def select_winner(
     return best
 
 
+def _check_devices(spec: ExperimentSpec, name: str, devices: Any) -> int:
+    """``devices`` as an int; only supervised experiments run data-parallel."""
+    devices = check_positive("devices", devices)
+    if devices > 1:
+        from gaussnewton_experiments.supervised import run_supervised
+
+        if spec.run is not run_supervised:
+            raise ValueError(
+                f"devices={devices}: experiment {name!r} is not a supervised experiment; only "
+                "those run data-parallel (use devices=1)."
+            )
+        from gaussnewton_experiments.devices import data_mesh
+
+        data_mesh(devices)  # enough devices? (ValueError naming the fix otherwise)
+    return devices
+
+
+def _rows(spec: ExperimentSpec, cfg: RunConfig, devices: int):
+    """``spec.run(cfg)``'s rows, trained on ``devices`` devices."""
+    from gaussnewton_experiments.devices import use_devices
+
+    with use_devices(devices):
+        yield from spec.run(cfg)
+
+
 def run_experiment(
     name: str,
     *,
@@ -146,6 +171,7 @@ def run_experiment(
     plots: bool = True,
     reporter: Reporter | None = None,
     argv: Sequence[str] | None = None,
+    devices: int = 1,
 ) -> ExperimentResult:
     """Run ``optimizers x seeds`` of experiment ``name`` (tuning each optimizer first if asked).
 
@@ -162,6 +188,11 @@ def run_experiment(
             :meth:`ExperimentSpec.known_options`).
         out: output folder (default ``results/<name>``); holds ``records.jsonl``, the plots,
             ``summary.md`` and ``summary.json``.
+        devices: run each supervised training data-parallel over this many devices (the batch
+            sharded over a 1-D ``"data"`` mesh, the rest replicated; :mod:`.devices`); on CPU
+            they must be requested before jax starts (:func:`.devices.request_devices`, the CLI's
+            ``--devices``). Every batch size must be divisible by it. Recorded in the ``session``
+            and ``start`` records; the run keys do not depend on it.
 
     Raises:
         ValueError: a budget out of range, bad seeds or an unknown option (before anything runs).
@@ -201,10 +232,17 @@ def run_experiment(
         )
     opts = {**spec.options, **(options or {})}
     hparams = {k: dict(v) for k, v in (hparams or {}).items()}
+    devices = _check_devices(spec, name, devices)
     out = Path(out or Path("results") / name)
     records = Records(out)
     records.append(
-        {"type": "session", "experiment": name, "argv": list(argv or []), "versions": versions()}
+        {
+            "type": "session",
+            "experiment": name,
+            "argv": list(argv or []),
+            "versions": versions(),
+            "devices": devices,
+        }  # fmt: skip
     )
     result = ExperimentResult(experiment=name, out=out, records=records.path)
     done = records.done()
@@ -272,12 +310,13 @@ def run_experiment(
                 "config": cfg.to_dict(),
                 "label": label,
                 "versions": versions(),
+                "devices": devices,
             }  # fmt: skip
         )
         rep.start(label, size(cfg))
         rows, t0 = [], time.perf_counter()
         try:
-            for row in spec.run(cfg):
+            for row in _rows(spec, cfg, devices):
                 row = dict(row)
                 records.append(
                     {
@@ -323,6 +362,16 @@ def run_experiment(
         done[key] = {"run": key}
         rep.finish(label, skipped=False)
         return rows
+
+    if devices > 1:  # fail before anything runs on a batch that does not split evenly
+        for opt in optimizers:
+            for g in grids[opt] or [{}]:
+                b = {**base_hparams(opt), **g}.get("batch_size", batch_size or 128)
+                if int(b) % devices:
+                    raise ValueError(
+                        f"{opt}: batch_size={b} is not divisible by devices={devices}; pass a "
+                        f"batch size that is a multiple of {devices} (--batch-size)."
+                    )
 
     for opt in optimizers:
         hp = base_hparams(opt)

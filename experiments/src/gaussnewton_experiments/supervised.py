@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaussnewton_experiments import devices
 from gaussnewton_experiments.datasets import Dataset, load_dataset
 from gaussnewton_experiments.models import count_params, make_model
 from gaussnewton_experiments.optimizers import loss_value
@@ -151,6 +152,8 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     batch = int(hp.get("batch_size", cfg.batch_size or 128))
     if batch > ds.n_train:
         raise ValueError(f"batch_size={batch} exceeds the {ds.n_train} training examples.")
+    dp = devices.current()  # --devices N: batch rows over N devices, the rest replicated
+    dp.check_batch(batch)
     key = jax.random.PRNGKey(cfg.seed)
     init_key, step_key = jax.random.split(key)
     model_kw = {}
@@ -165,6 +168,7 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     opt = get_optimizer(cfg.optimizer).build(model_fn, loss, hp)
     state = opt.init(params)
     x_all, y_all = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    params, state, x_all, y_all = dp.replicate((params, state, x_all, y_all))
     eval_batch = int(opts.get("eval_batch", 2048))
     evaluate_split = _make_eval(model_fn, ds, loss, eval_batch)
     # test runs are also scored on the validation part (held out of training in every run), so
@@ -183,7 +187,8 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
         def body(carry, inp):
             p, s = carry
             i, t = inp
-            p, s, info = opt.step(p, s, x_all[i], y_all[i], jax.random.fold_in(step_key, t))
+            xb, yb = dp.constrain((x_all[i], y_all[i]))
+            p, s, info = opt.step(p, s, xb, yb, jax.random.fold_in(step_key, t))
             trace = {k: jnp.asarray(info[k], jnp.float32) for k in _TRACE_KEYS if k in info}
             return (p, s), trace
 
@@ -198,7 +203,9 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     t0 = time.perf_counter()
     compiled = {
         n: jax.jit(chunk)
-        .lower(params, state, x_all, y_all, jnp.zeros((n, batch), jnp.int32), jnp.int32(0))
+        .lower(
+            params, state, x_all, y_all, dp.shard(jnp.zeros((n, batch), jnp.int32), 1), jnp.int32(0)
+        )
         .compile()
         for n in lengths
     }
@@ -219,10 +226,11 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     train_time, step, rejected = 0.0, 0, 0
     while step < cfg.steps:
         n = min(eval_every, cfg.steps - step)
-        idx = jnp.asarray(_batch_indices(ds.n_train, batch, cfg.seed, step, n))
+        idx = dp.shard(jnp.asarray(_batch_indices(ds.n_train, batch, cfg.seed, step, n)), 1)
         t = time.perf_counter()
         params, state, trace = compiled[n](params, state, x_all, y_all, idx, jnp.int32(step))
         jax.block_until_ready((params, state, trace))
+        params, state = dp.replicate((params, state))  # no-op unless XLA chose other shardings
         train_time += time.perf_counter() - t
         step += n
         trace = {k: [float(f"{x:.5g}") for x in np.asarray(v).tolist()] for k, v in trace.items()}
