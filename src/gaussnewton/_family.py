@@ -104,6 +104,7 @@ def assemble(
     momentum: float,
     tx: Any,
     init_method_state: Callable | None = None,
+    axis_name: Any = None,
 ) -> GaussNewtonOptimizer:
     """The :class:`GaussNewtonOptimizer` of a method (policies resolved as in :func:`egn`)."""
     policy = _policy(damping_policy, damping)
@@ -127,7 +128,20 @@ def assemble(
         tx=tx,
         name=name,
         init_method_state=init_method_state,
+        axis_name=axis_name,
     )
+
+
+def check_axis_name(axis_name: Any) -> Any:
+    """``axis_name`` of a step run inside ``shard_map``: ``None``, a name or a tuple of names."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if axis_name is not None and not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"axis_name={axis_name!r}: give the mesh axis name (or a tuple of names) over which "
+            "the batch is split inside jax.shard_map, e.g. axis_name='data'; None (default) when "
+            "the step sees the whole batch (one device, or jit with sharded inputs)."
+        )
+    return axis_name
 
 
 def make_method(

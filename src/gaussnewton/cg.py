@@ -38,7 +38,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gaussnewton._tree import tree_axpy, tree_vdot, tree_zeros_like
+from gaussnewton._sharding import NO_AXIS, BatchAxis, sum_of_products
+from gaussnewton._tree import tree_axpy, tree_zeros_like
 
 PyTree = Any
 
@@ -67,6 +68,7 @@ def cg_solve(
     *,
     max_iters: int,
     tol: float,
+    axis: BatchAxis = NO_AXIS,
 ) -> CGResult:
     r"""Conjugate gradients for ``A x = rhs`` (``A`` SPD, given by ``matvec``), jit-able.
 
@@ -82,45 +84,55 @@ def cg_solve(
         x0: start (default zeros).
         max_iters: at most this many ``matvec`` calls inside the loop (static int ``>= 0``).
         tol: absolute tolerance on the residual max-norm.
+        axis: the batch axis when the vectors are split over devices inside ``shard_map`` (each
+            holds the block of its examples): inner products and the max-norm are global.
     """
+
+    def vdot(a, b):  # row-space vectors may be batch-sharded: a product and a reduction
+        return axis.sum(sum_of_products(a, b))
+
+    def max_abs(r):
+        m = tree_max_abs(r)
+        return m if not axis.sharded else jax.lax.pmax(m, axis.name)
+
     if x0 is None:
         x = tree_zeros_like(rhs)
         r = rhs
     else:
         x = x0
         r = jax.tree_util.tree_map(lambda a, b: a - b, rhs, matvec(x0))
-    rr = tree_vdot(r, r)
+    rr = vdot(r, r)
     dt = rr.dtype
     tol = jnp.asarray(tol, dt)
 
     def cond(carry):
         _, r, _, _, k, broken = carry
-        return (k < max_iters) & (tree_max_abs(r) > tol) & jnp.logical_not(broken)
+        return (k < max_iters) & (max_abs(r) > tol) & jnp.logical_not(broken)
 
     def body(carry):
         x, r, p, rr, k, _ = carry
         ap = matvec(p)
-        pap = tree_vdot(p, ap)
+        pap = vdot(p, ap)
         broken = jnp.logical_not(jnp.isfinite(pap) & (pap > 0))
         alpha = jnp.where(broken, 0.0, rr / jnp.where(broken, 1.0, pap))
         x = tree_axpy(alpha, p, x)
         r = tree_axpy(-alpha, ap, r)
-        rr_new = tree_vdot(r, r)
+        rr_new = vdot(r, r)
         beta = jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0)
         p = tree_axpy(beta, p, r)
         return x, r, p, rr_new, k + 1, broken
 
     init = (x, r, r, rr, jnp.asarray(0, jnp.int32), jnp.asarray(False))
     x, r, _, _, k, _ = jax.lax.while_loop(cond, body, init)
-    return CGResult(x, r, k, tree_max_abs(r).astype(dt))
+    return CGResult(x, r, k, max_abs(r).astype(dt))
 
 
-def _scaled_start(matvec, rhs, u0):
+def _scaled_start(matvec, rhs, u0, axis: BatchAxis = NO_AXIS):
     """``s u0`` with ``s = u0ᵀrhs / u0ᵀA u0`` (the best multiple; 0 when undefined)."""
     au = matvec(u0)
-    den = tree_vdot(u0, au)
+    den = axis.sum(sum_of_products(u0, au))
     ok = jnp.isfinite(den) & (den > 0)
-    s = jnp.where(ok, tree_vdot(u0, rhs) / jnp.where(ok, den, 1.0), 0.0)
+    s = jnp.where(ok, axis.sum(sum_of_products(u0, rhs)) / jnp.where(ok, den, 1.0), 0.0)
     s = jnp.where(jnp.isfinite(s), s, 0.0)
     return jax.tree_util.tree_map(lambda a: (s * a).astype(a.dtype), u0)
 
@@ -135,6 +147,7 @@ def row_space_cg(
     warm_start: PyTree | None,
     max_iters: int | None,
     tol: float,
+    axis: BatchAxis = NO_AXIS,
 ) -> tuple[PyTree, PyTree, CGResult]:
     r"""EGN's row-space solve by CG with matrix-free ``K v`` products (see the module docstring).
 
@@ -147,11 +160,14 @@ def row_space_cg(
         warm_start: previous direction (parameter pytree) or ``None`` (zero start).
         max_iters: CG iteration cap; ``None`` means the row-space dimension.
         tol: absolute tolerance on the row-space residual max-norm.
+        axis: the batch axis inside ``shard_map``: ``g``, ``factor`` and the row-space vectors
+            are this device's block, ``jvp_fn``/``vjp_fn`` those of :func:`gaussnewton.linearize`
+            with the same axis (``vjp_fn`` sums over the devices).
 
     Returns:
         ``(grad, direction, cg_result)`` with ``grad = ∇L`` and ``direction = d``.
     """
-    b = g.shape[0]
+    b = g.shape[0] * axis.size()
     dt = jnp.result_type(jnp.float32, g.dtype)
     blam = (b * jnp.asarray(lam, dt)).astype(g.dtype)
     grad = vjp_fn(g / b)
@@ -184,8 +200,11 @@ def row_space_cg(
     if warm_start is not None:
         u0 = to_row(jvp_fn(warm_start))
         u0 = jnp.where(jnp.isfinite(u0), u0, 0.0)
-        x0 = _scaled_start(matvec, rhs, u0)
-    res = cg_solve(matvec, rhs, x0, max_iters=n if max_iters is None else max_iters, tol=tol)
+        x0 = _scaled_start(matvec, rhs, u0, axis)
+    n = n * axis.size()
+    res = cg_solve(
+        matvec, rhs, x0, max_iters=n if max_iters is None else max_iters, tol=tol, axis=axis
+    )
     if factor is None:
         direction = vjp_fn(-res.x)
     else:

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from gaussnewton import _validate as v
+from gaussnewton._sharding import NO_AXIS, BatchAxis, like_batch, replicate
 from gaussnewton._tree import compute_dtype, tree_norm, tree_size, tree_vdot
 from gaussnewton.cg import row_space_cg
 from gaussnewton.gram import as_2d, batch_coupling, gram_factors
@@ -79,7 +80,9 @@ class _Linearization(NamedTuple):
     quad_direction: jax.Array | None = None  # ½ dᵀHd from row-space quantities (no JVP)
 
 
-def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
+def _curvature_factor(
+    loss: Loss, f, y, curvature: str, num_samples: int, key, axis: BatchAxis = NO_AXIS
+):
     if curvature == "exact":
         return loss.factor(f, y)
     if key is None:
@@ -87,19 +90,31 @@ def _curvature_factor(loss: Loss, f, y, curvature: str, num_samples: int, key):
             "curvature='sampled' needs a PRNG key: pass key=jax.random.key(...) (the optimizers draw it "
             "from their state when step(..., key=None))."
         )
-    return jax.lax.stop_gradient(loss.sample_factor(f, y, key, num_samples))
+    # on many devices: the draw of the whole batch (b·c numbers gathered), this device's block
+    f_all, y_all = replicate(axis.gather((f, y)))
+    s = jax.lax.stop_gradient(loss.sample_factor(f_all, y_all, key, num_samples))
+    return like_batch(axis.local(s), f)
 
 
-def _gram_solve(fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array) -> jax.Array:
+def _gram_solve(
+    fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array, axis: BatchAxis = NO_AXIS
+) -> jax.Array:
     """``u = (K + shift I)⁻¹ rhs`` for the Gram ``K`` of ``fn`` on ``x``; ``rhs``, ``u``: ``(b, k)``
     (or ``(b, k, m)``: ``m`` right-hand sides, one factorization).
 
     The Gram is built tile by tile over example blocks of about ``TILE_ROWS / k`` examples from
     one set of per-example factors (:func:`gaussnewton.gram.gram_factors`) and solved by the tile
     Cholesky of :func:`gaussnewton.linalg.solve_tiled_spd`: only the lower tiles are formed.
+
+    On many devices the per-example factors are computed where the examples are, then gathered
+    with the right-hand sides (never the Gram: :mod:`gaussnewton._sharding`); every device forms
+    the Gram and solves the whole system, and keeps the rows of its own examples (``axis``).
     """
+    factors, block = gram_factors(fn, axis.varying(params), x, strategy=strategy)
+    local_rhs = rhs
+    factors, rhs = axis.gather((factors, rhs))
+    factors, rhs = replicate((factors, rhs))
     b, k = rhs.shape[:2]
-    factors, block = gram_factors(fn, params, x, strategy=strategy)
     nt = min(num_tiles(b * k), b)
     edges = [round(i * b / nt) for i in range(nt + 1)]
     parts = [
@@ -116,7 +131,7 @@ def _gram_solve(fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array) 
     diag = [_floored(t, shift) for t in diag]
     flat = rhs.reshape((b * k,) + rhs.shape[2:])
     solved = solve_tiled_spd(lambda i, j: diag[i] if i == j else tile(i, j), sizes, shift, flat)
-    return solved.reshape(rhs.shape)
+    return like_batch(axis.local(solved.reshape(rhs.shape)), local_rhs)
 
 
 #: the smallest shift of a row of a row-space system, in units of ``ε · K_ii`` (see _floored)
@@ -165,22 +180,25 @@ def linearize_and_solve(
     max_cg_iters: int | None = None,
     cg_tol: float = 1e-6,
     warm_start: PyTree | None = None,
+    axis: BatchAxis = NO_AXIS,
 ) -> _Linearization:
     """batch → outputs, loss, g, S → Gram → row-space solve → one VJP back (internal workhorse).
 
     ``solver="cg"``: the same row-space system by CG with matrix-free ``K v`` products
     (:func:`gaussnewton.cg.row_space_cg`; ``warm_start`` is a previous direction or ``None``).
+    ``axis``: the batch axis when run inside ``shard_map`` (``x``, ``y`` the local block; the
+    direction, loss and gradient are those of the whole batch).
     """
     fn = with_output_axis(model_fn)
     if solver == "cg":
         fn = as_2d(fn)  # row-space CG takes (b, c) outputs
-        lin = linearize(fn, loss, params, x, y, mode="linearize")
+        lin = linearize(fn, loss, params, x, y, mode="linearize", axis=axis)
         f = lin.outputs
         identity = curvature == "exact" and loss.identity_scale(f, lin.labels) == 1.0
         s = (
             None
             if identity
-            else _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)
+            else _curvature_factor(loss, f, lin.labels, curvature, num_samples, key, axis)
         )
         grad, direction, res = row_space_cg(
             lin.jvp,
@@ -191,14 +209,16 @@ def linearize_and_solve(
             warm_start=warm_start,
             max_iters=max_cg_iters,
             tol=cg_tol,
+            axis=axis,
         )
         s = jnp.zeros((f.shape[0], f.shape[1], 0), f.dtype) if identity else s
         return _Linearization(
             lin.loss, grad, direction, s, identity, res.iters, res.residual_max, lin.labels_ok
         )
-    lin = linearize(fn, loss, params, x, y, tokens=True)
+    lin = linearize(fn, loss, params, x, y, tokens=True, axis=axis)
     f, g = lin.outputs, lin.g
-    b = f.shape[0]
+    b = lin.batch_size  # the whole batch; f, g are this device's block (b_local = f.shape[0])
+    bl = f.shape[0]
     dt = compute_dtype(f.dtype)
     lam = jnp.asarray(damping, dt)
     blam = b * lam
@@ -208,12 +228,12 @@ def linearize_and_solve(
         s = (
             None
             if q is not None
-            else _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)
+            else _curvature_factor(loss, f, lin.labels, curvature, num_samples, key, axis)
         )
-        if _parameter_space(solver, fn, params, x, f, s):
+        if _parameter_space(solver, fn, params, x, f, s, b):
             # d = −(AᵀA/b + λI)⁻¹ ∇L by a D x D Cholesky (A = SᵀJ; Q = I for 2-D squared error)
             grad = lin.grad()
-            direction = param_space_direction(fn, params, x, g, s, lam, grad)
+            direction = param_space_direction(fn, params, x, g, s, lam, grad, axis=axis)
             if s is None:
                 empty = jnp.zeros(f.shape + (0,), f.dtype)
                 return _Linearization(
@@ -223,7 +243,7 @@ def linearize_and_solve(
 
     if q is not None:  # Q = q I: (qK + bλI) u = g, i.e. (K + (bλ/q) I) u = g / q
         u = _gram_solve(
-            flat_fn, params, x, gram_strategy, blam / q, g.reshape(b, -1).astype(dt) / q
+            flat_fn, params, x, gram_strategy, blam / q, g.reshape(bl, -1).astype(dt) / q, axis
         )
         cot = jnp.stack([g / b, -u.reshape(f.shape).astype(f.dtype)])
         both = jax.vmap(lin.vjp)(cot)
@@ -231,7 +251,7 @@ def linearize_and_solve(
         direction = jax.tree_util.tree_map(lambda a: a[1], both)
         empty = jnp.zeros(f.shape + (0,), f.dtype)
         # J d = −K u = (bλu − g)/q since (qK + bλI) u = g: ½ dᵀHd = ‖bλu − g‖² / (2 q b), no JVP
-        jd = blam * u - g.reshape(b, -1).astype(dt)
+        jd = blam * u - g.reshape(bl, -1).astype(dt)
         return _Linearization(
             lin.loss,
             grad,
@@ -240,10 +260,10 @@ def linearize_and_solve(
             True,
             labels_ok=lin.labels_ok,
             identity_scale=q,
-            quad_direction=0.5 * jnp.sum(jnp.square(jd)) / (q * b),
+            quad_direction=0.5 * axis.sum(jnp.sum(jnp.square(jd))) / (q * b),
         )
 
-    s = _curvature_factor(loss, f, lin.labels, curvature, num_samples, key)  # (b, *tok, c, r)
+    s = _curvature_factor(loss, f, lin.labels, curvature, num_samples, key, axis)  # (b, *tok, c, r)
     sd = s.astype(dt)
     tok_r = s.shape[1:-2] + s.shape[-1:]
 
@@ -258,12 +278,12 @@ def linearize_and_solve(
         # Woodbury: d = −(1/λ) Jᵀ(g/b − S v), v = (SᵀKS + bλI)⁻¹ SᵀJ∇L
         grad = lin.grad()
         _, jgrad = jax.jvp(lambda p: fn(p, x), (params,), (grad,))  # J ∇L
-        w = project(sd, jgrad.astype(dt)).reshape(b, -1)  # Sᵀ J ∇L
-        v = _gram_solve(projected, params, s_fixed, gram_strategy, blam, w)
-        cot = (g.astype(dt) / b - expand(sd, v.reshape((b,) + tok_r))) / lam
+        w = project(sd, jgrad.astype(dt)).reshape(bl, -1)  # Sᵀ J ∇L
+        v = _gram_solve(projected, params, s_fixed, gram_strategy, blam, w, axis)
+        cot = (g.astype(dt) / b - expand(sd, v.reshape((bl,) + tok_r))) / lam
         direction = lin.vjp(-cot.astype(f.dtype))
         # Sᵀ J d = −b v since (SᵀKS + bλI) v = SᵀJ∇L: ½ dᵀHd = b ‖v‖² / 2, no JVP
-        quad_d = 0.5 * b * jnp.sum(jnp.square(v))
+        quad_d = 0.5 * b * axis.sum(jnp.sum(jnp.square(v)))
         return _Linearization(
             lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok, quad_direction=quad_d
         )
@@ -276,21 +296,21 @@ def linearize_and_solve(
     grad_r = jax.tree_util.tree_map(lambda a: a[1], both)  # Jᵀ r / b
     _, jgr = jax.jvp(lambda p: fn(p, x), (params,), (grad_r,))
     rhs = jnp.stack(
-        [t.astype(dt).reshape(b, -1), project(sd, jgr.astype(dt)).reshape(b, -1)], axis=-1
+        [t.astype(dt).reshape(bl, -1), project(sd, jgr.astype(dt)).reshape(bl, -1)], axis=-1
     )
-    v = _gram_solve(projected, params, s_fixed, gram_strategy, blam, rhs)
-    v_t, v_r = (v[..., i].reshape((b,) + tok_r) for i in range(2))
+    v = _gram_solve(projected, params, s_fixed, gram_strategy, blam, rhs, axis)
+    v_t, v_r = (v[..., i].reshape((bl,) + tok_r) for i in range(2))
     cot = expand(sd, v_t) + (r.astype(dt) / b - expand(sd, v_r)) / lam
     direction = lin.vjp(-cot.astype(f.dtype))
     # Sᵀ J d = bλ v_t − t − b v_r (from M v_t = t, M v_r = SᵀJJᵀr/b): ½ dᵀHd without a JVP
     sjd = blam * v_t - t.astype(dt) - b * v_r
-    quad_d = 0.5 * jnp.sum(jnp.square(sjd)) / b
+    quad_d = 0.5 * axis.sum(jnp.sum(jnp.square(sjd))) / b
     return _Linearization(
         lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok, quad_direction=quad_d
     )
 
 
-def _parameter_space(solver, fn, params, x, f, s) -> bool:
+def _parameter_space(solver, fn, params, x, f, s, b: int) -> bool:
     """Whether to solve in the ``D x D`` parameter space (static: shapes and the model's jaxpr).
 
     ``solver="auto"`` takes it when :func:`~gaussnewton.param_space.choose_space` says it is
@@ -311,7 +331,7 @@ def _parameter_space(solver, fn, params, x, f, s) -> bool:
                 f"of a batch ({coupling.summary()}); use solver='auto' or 'cholesky'."
             )
         return True
-    rows = f.shape[0] * (f.shape[1] if s is None else s.shape[-1])
+    rows = b * (f.shape[1] if s is None else s.shape[-1])
     if choose_space(tree_size(params), rows) != "param":
         return False
     return not batch_coupling(fn, params, x).coupled

@@ -69,6 +69,7 @@ from jax.scipy.linalg import cho_factor, cho_solve
 from jax.scipy.special import xlogy
 
 from gaussnewton._family import assemble, check_common, check_int
+from gaussnewton._sharding import like_batch, replicate
 from gaussnewton._tree import compute_dtype, tree_vdot
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.gram import as_2d
@@ -242,8 +243,10 @@ def _solve_batch(fn, loss, params, x, y, lam, gram, max_inner_iters):
             "gn.egn (weighted and per-token losses) or unweighted labels."
         )
     k = compute_gram(as_2d(fn), params, x, strategy=gram)
-    res = dual_solve(loss, lin.outputs, lin.labels, k, lam, max_inner_iters)
-    return lin, res
+    # on a mesh: the dual is solved replicated (K is), its solution sharded back like the batch
+    f, labels = replicate((lin.outputs, lin.labels))
+    res = dual_solve(loss, f, labels, k, lam, max_inner_iters)
+    return lin, res._replace(alpha=like_batch(res.alpha, lin.outputs))
 
 
 def dual_gn(

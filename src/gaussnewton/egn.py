@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from gaussnewton import _validate as v
-from gaussnewton._family import assemble, check_common, check_int
+from gaussnewton._family import assemble, check_axis_name, check_common, check_int
+from gaussnewton._sharding import BatchAxis
 from gaussnewton._tree import tree_vdot, tree_zeros_like
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.directions import CURVATURES, SOLVERS, linearize_and_solve
@@ -43,6 +44,7 @@ def egn(
     max_cg_iters: int | None = None,
     cg_tol: float = 1e-6,
     cg_warm_start: bool = True,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> GaussNewtonOptimizer:
     r"""Exact Gauss-Newton (EGN): the Levenberg-Marquardt direction of the mini-batch GGN.
 
@@ -81,6 +83,13 @@ def egn(
             ``cg_warm_start`` it starts from the previous step's direction mapped to the row space
             (see :mod:`gaussnewton.cg`; ``gram`` is not used). ``info.cg_iters`` /
             ``info.cg_residual`` report the solve.
+        axis_name: the mesh axis (or axes) over which the batch is split when ``step`` runs inside
+            a user's :func:`jax.shard_map` (``x``, ``y`` local blocks; params and state
+            replicated): the per-example passes stay on their device, the per-example Gram factors
+            (not the Gram) are gathered, the row-space system is solved on every device and one
+            ``psum`` of the ``D``-vector ends the direction; losses of the line search and the gain
+            ratio are means over the whole batch. ``None`` (default): the step sees the whole batch
+            — also under ``jax.jit`` with batch-sharded inputs (see docs/many_devices.md).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -109,6 +118,7 @@ def egn(
         check_int("max_cg_iters", max_cg_iters)
     v.check_number("cg_tol", cg_tol, strict=False, hint="e.g. cg_tol=1e-6.")
     warm = solver == "cg" and bool(cg_warm_start)
+    axis = BatchAxis(check_axis_name(axis_name))
     # the applied update is α d exactly: the gain-ratio model comes from the solve (no extra JVP)
     free_quad = solver in ("auto", "cholesky") and not momentum and tx is None
 
@@ -130,11 +140,14 @@ def egn(
             max_cg_iters=max_cg_iters,
             cg_tol=cg_tol,
             warm_start=method_state if warm else None,
+            axis=axis,
         )
         if free_quad and lin.quad_direction is not None:
             quad = _scaled_quad(lin.direction, lin.quad_direction)
         else:
-            quad = quad_from_factor(fn, params, x, lin.factor, lin.identity, lin.identity_scale)
+            quad = quad_from_factor(
+                fn, params, x, lin.factor, lin.identity, lin.identity_scale, axis
+            )
         nxt = lin.direction if warm else ()
         return Linearization(
             lin.loss,
@@ -159,6 +172,7 @@ def egn(
         momentum=momentum,
         tx=tx,
         init_method_state=tree_zeros_like if warm else None,
+        axis_name=axis_name,
     )
 
 

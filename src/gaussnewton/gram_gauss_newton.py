@@ -48,6 +48,7 @@ def gram_gauss_newton(
     solver: str = "cholesky",
     max_cg_iters: int | None = None,
     cg_tol: float = 1e-6,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> GaussNewtonOptimizer:
     r"""Gram-Gauss-Newton: ``w ← w − η Jᵀ(K + λI)⁻¹(f − y)`` (squared loss, sum convention).
 
@@ -58,7 +59,8 @@ def gram_gauss_newton(
         damping_policy: ``"constant"`` (Cai et al.), or any policy of :func:`gaussnewton.egn`
             (it then adapts the GGN ``λ``).
         line_search: ``None`` (Cai et al.) or ``"armijo"`` / :class:`~gaussnewton.Armijo`.
-        momentum, tx, gram, solver, max_cg_iters, cg_tol: as in :func:`gaussnewton.egn`.
+        momentum, tx, gram, solver, max_cg_iters, cg_tol, axis_name: as in
+            :func:`gaussnewton.egn`.
     """
     base = egn(
         model_fn,
@@ -73,11 +75,12 @@ def gram_gauss_newton(
         solver=solver,
         max_cg_iters=max_cg_iters,
         cg_tol=cg_tol,
+        axis_name=axis_name,
     )
     egn_direction_fn = base.direction_fn
 
     def direction_fn(fn, params, x, y, lam, key, method_state):
-        b = jax.tree_util.tree_leaves(x)[0].shape[0]
+        b = jax.tree_util.tree_leaves(x)[0].shape[0] * base.batch_axis.size()
         return egn_direction_fn(fn, params, x, y, lam / b, key, method_state)
 
     return dataclasses.replace(base, direction_fn=direction_fn, name="gram_gauss_newton")

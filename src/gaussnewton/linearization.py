@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from gaussnewton import _validate as v
+from gaussnewton._sharding import NO_AXIS, BatchAxis
 from gaussnewton.gram import as_2d
 from gaussnewton.losses import Loss
 
@@ -53,10 +54,12 @@ class BatchLinearization(NamedTuple):
     vjp: Callable[[jax.Array], PyTree]  # u (b, c) -> Jᵀ u
     jvp: Callable[[PyTree], jax.Array] | None  # v -> J v (mode="linearize" only)
     labels_ok: jax.Array  # bool scalar
+    axis: BatchAxis = NO_AXIS  # the batch axis inside shard_map (outputs, g: local blocks)
 
     @property
     def batch_size(self) -> int:
-        return self.outputs.shape[0]
+        """``b``, the examples of the whole batch (over every device of ``axis``)."""
+        return self.outputs.shape[0] * self.axis.size()
 
     def grad(self) -> PyTree:
         """``∇L = Jᵀ g / b`` (one VJP)."""
@@ -88,6 +91,7 @@ def linearize(
     *,
     mode: Literal["vjp", "linearize"] = "vjp",
     tokens: bool = False,
+    axis: BatchAxis = NO_AXIS,
 ) -> BatchLinearization:
     """Outputs, loss, ``g`` and the linear maps of ``fn`` at ``params`` on ``(x, y)``.
 
@@ -95,27 +99,37 @@ def linearize(
     linearization (``jax.linearize``) and transposes it, so ``J v`` products need no new forward
     pass (SGN, row-space CG). ``tokens=True`` keeps per-token outputs ``(b, *tok, c)`` (EGN);
     otherwise outputs must be ``(b, c)`` or ``(b,)`` (read as ``(b, 1)``).
+
+    Inside ``shard_map`` with the batch split over ``axis`` (a :class:`~gaussnewton._sharding.
+    BatchAxis`), ``x`` and ``y`` are this device's block: the outputs and ``g`` stay local, the
+    loss is the mean over the whole batch, ``vjp`` sums over every device (one ``psum`` of the
+    ``D``-vector) and ``jvp`` gives this device's rows.
     """
     v.check_params(params)
     fn2 = with_output_axis(fn) if tokens else as_2d(fn)
+    local_params = axis.varying(params)  # derivatives of this device's examples only
     if mode == "vjp":
-        f, vjp_fn = jax.vjp(lambda p: fn2(p, x), params)
+        f, vjp_fn = jax.vjp(lambda p: fn2(p, x), local_params)
         jvp_fn = None
 
         def vjp(u):
-            return vjp_fn(u)[0]
+            return axis.sum(vjp_fn(u)[0])
 
     elif mode == "linearize":
-        f, jvp_fn = jax.linearize(lambda p: fn2(p, x), params)
-        transposed = jax.linear_transpose(jvp_fn, params)
+        f, jvp_local = jax.linearize(lambda p: fn2(p, x), local_params)
+        transposed = jax.linear_transpose(jvp_local, local_params)
 
         def vjp(u):
-            return transposed(u)[0]
+            return axis.sum(transposed(u)[0])
+
+        def jvp_fn(t):
+            return jvp_local(axis.varying(t))
 
     else:  # pragma: no cover - internal misuse
         raise ValueError(f"mode={mode!r}: use 'vjp' or 'linearize'.")
     v.check_batch(x, f)
     labels = loss.prepare_labels(f, y)
-    value = jnp.mean(loss.value(f, labels))
+    value = axis.mean(jnp.mean(loss.value(f, labels)))
     g = loss.grad(f, labels)
-    return BatchLinearization(f, labels, value, g, vjp, jvp_fn, _labels_ok(loss, f, labels))
+    ok = axis.all(_labels_ok(loss, f, labels))
+    return BatchLinearization(f, labels, value, g, vjp, jvp_fn, ok, axis)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gaussnewton._sharding import NO_AXIS, BatchAxis
 from gaussnewton._tree import (
     tree_all_finite,
     tree_axpy,
@@ -162,6 +163,14 @@ class GaussNewtonOptimizer:
     tx: optax.GradientTransformation | None
     name: str = "egn"
     init_method_state: Callable[[PyTree], PyTree] | None = None
+    #: the batch axis name when ``step`` runs inside ``jax.shard_map`` over a split batch (the
+    #: direction function must use the same axis: :func:`egn` passes it on)
+    axis_name: Any = None
+
+    @property
+    def batch_axis(self) -> BatchAxis:
+        """:attr:`axis_name` as the :class:`~gaussnewton._sharding.BatchAxis` of the step."""
+        return BatchAxis(self.axis_name)
 
     # ----------------------------------------------------------------------------------- init
     @property
@@ -209,6 +218,10 @@ class GaussNewtonOptimizer:
 
         ``key`` (optional) is this step's PRNG key (sampled curvature, a :class:`~gaussnewton.Model`
         that needs one); without it a key is split from the state.
+
+        With ``axis_name`` set, call it inside ``jax.shard_map`` with ``x``, ``y`` split over that
+        mesh axis and ``params``, ``state`` replicated: losses, gradients, the direction and the
+        update are those of the whole batch, identical on every device.
         """
         dt = state.damping.dtype
         key, next_key = self._keys(state, key)
@@ -286,6 +299,7 @@ class GaussNewtonOptimizer:
         fn = model.bind(model_state, model_key)
         if model.has_state:
             _, model_state = model.apply(params, x, model_state, model_key)
+            model_state = _mean_floats(self.batch_axis, model_state)
         return fn, model_state
 
     def _damping_now(self, state):
@@ -315,10 +329,11 @@ class GaussNewtonOptimizer:
 
     def _loss_along(self, fn, params, d, x, y):
         fn = with_output_axis(fn)
+        axis = self.batch_axis
 
         def loss_at(alpha):
             f = fn(tree_axpy(alpha, d, params), x)
-            return jnp.mean(self.loss.value(f, self.loss.prepare_labels(f, y)))
+            return axis.mean(jnp.mean(self.loss.value(f, self.loss.prepare_labels(f, y))))
 
         return loss_at
 
@@ -348,21 +363,33 @@ class GaussNewtonOptimizer:
         return rho, self.damping_policy.update(lam, rho)
 
 
+def _mean_floats(axis: BatchAxis, tree: PyTree) -> PyTree:
+    """Floating leaves averaged over the devices of ``axis`` (a model state computed from each
+    device's block, e.g. batch-norm running statistics, made one state for all devices)."""
+    if not axis.sharded:
+        return tree
+
+    def one(a):
+        return axis.mean(a) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def _with_rounding(loss: jax.Array) -> jax.Array:
     """``L + √ε |L|``: a loss at the new point up to this is "not raised" (rounding, not ascent)."""
     return loss + jnp.sqrt(jnp.finfo(loss.dtype).eps) * jnp.abs(loss)
 
 
-def quad_from_factor(fn, params, x, factor, identity, scale=1.0):
+def quad_from_factor(fn, params, x, factor, identity, scale=1.0, axis: BatchAxis = NO_AXIS):
     """``Δ ↦ ½ ΔᵀHΔ = (1/2b) ‖Sᵀ (J Δ)‖²`` by one JVP (per token for ``(b, *tok, c)`` outputs;
-    ``Q = scale · I`` when ``identity``)."""
+    ``Q = scale · I`` when ``identity``; summed over the devices of ``axis`` inside ``shard_map``)."""
 
     def quad(delta):
         _, jd = jax.jvp(lambda p: fn(p, x), (params,), (delta,))
-        b = jd.shape[0]
+        b = jd.shape[0] * axis.size()
         if identity:
-            return 0.5 * scale * jnp.sum(jnp.square(jd)) / b
+            return 0.5 * scale * axis.sum(jnp.sum(jnp.square(jd))) / b
         jd = jd if jd.ndim == factor.ndim - 1 else jd.reshape(factor.shape[:-1])
-        return 0.5 * jnp.sum(jnp.square(project(factor, jd))) / b
+        return 0.5 * axis.sum(jnp.sum(jnp.square(project(factor, jd)))) / b
 
     return quad

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from gaussnewton._sharding import NO_AXIS, BatchAxis, reduced
 from gaussnewton._tree import compute_dtype
 from gaussnewton.gram import as_2d
 from gaussnewton.linalg import solve_damped_spd
@@ -56,6 +57,8 @@ def param_space_direction(
     s: jax.Array | None,
     lam: float | jax.Array,
     grad: PyTree | None = None,
+    *,
+    axis: BatchAxis = NO_AXIS,
 ) -> PyTree:
     r"""``d = −(AᵀA / b + λI)⁻¹ ∇L`` with ``A = SᵀJ``, by a ``D x D`` Cholesky (``D`` parameters).
 
@@ -68,6 +71,8 @@ def param_space_direction(
             ``Q = I`` (squared error).
         lam: damping ``λ`` (``> 0``, or ``>= 0`` when ``AᵀA`` is non-singular).
         grad: ``∇L = Jᵀ g / b`` if already computed, else ``None`` (computed from ``J`` and ``g``).
+        axis: the batch axis inside ``shard_map`` (``x``, ``g``, ``s``: this device's block;
+            ``AᵀA`` and ``Jᵀg`` are summed over the devices, the ``D x D`` solve is replicated).
 
     Returns:
         ``d`` shaped like ``params``. Non-finite entries mean a singular system (``λ = 0``).
@@ -80,20 +85,23 @@ def param_space_direction(
     flat, unravel = ravel_pytree(params)
     dt = compute_dtype(flat.dtype)
 
+    local = axis.varying(flat)  # this device's examples only (no implicit psum)
+
     def one(xi):  # the (c, D) Jacobian of one example: c reverse passes through a batch of 1
         xi = jax.tree_util.tree_map(lambda a: a[None], xi)
-        return jax.jacrev(lambda w: fn2(unravel(w), xi)[0])(flat)
+        return jax.jacrev(lambda w: fn2(unravel(w), xi)[0])(local)
 
     jac = jax.vmap(one)(x).astype(dt)  # (b, c, D)
-    b = jac.shape[0]
+    b = jac.shape[0] * axis.size()
     g = jnp.asarray(g, dt).reshape(jac.shape[:2])
     a = jac if s is None else jnp.einsum("bcr,bcd->brd", jnp.asarray(s, dt), jac, precision=_HI)
     a = a.reshape(-1, flat.size)
     if grad is None:
-        gflat = jnp.einsum("bcd,bc->d", jac, g, precision=_HI) / b
+        gflat = axis.sum(jnp.einsum("bcd,bc->d", jac, g, precision=_HI, out_sharding=reduced()))
+        gflat = gflat / b
     else:
         gflat = ravel_pytree(grad)[0].astype(dt)
-    h = jnp.matmul(a.T, a, precision=_HI) / b
+    h = axis.sum(jnp.matmul(a.T, a, precision=_HI, out_sharding=reduced())) / b
     d = -solve_damped_spd(h, jnp.asarray(lam, dt), gflat)
     return unravel(d.astype(flat.dtype))
 

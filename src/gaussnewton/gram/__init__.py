@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gaussnewton._sharding import replicate
 from gaussnewton._tree import tree_size
 from gaussnewton.gram._coupling import Coupling, batch_coupling
 from gaussnewton.gram._jacobian import jacobian_factors, jacobian_gram
@@ -239,6 +240,8 @@ def gram(
     """``K = J(x1) J(x2)ᵀ`` of shape ``(n1, k, n2, k)`` for a 2-D ``model_fn`` (see module doc)."""
     k = jax.eval_shape(model_fn, params, x1).shape[1]
     name, _ = _resolve(strategy, model_fn, params, x1, k, x2)
+    # on a mesh (jit with batch-sharded inputs): the (n1, n2) result is replicated, so are its inputs
+    x1, x2 = replicate((x1, x2))
     return STRATEGIES[name](model_fn, params, x1, x2)
 
 

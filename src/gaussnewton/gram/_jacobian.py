@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gaussnewton._sharding import vary_like
 from gaussnewton._tree import compute_dtype
 
 
@@ -16,7 +17,11 @@ def per_example_jacobian(model_fn, params, x):
 
     def single(xi):
         xb = jax.tree_util.tree_map(lambda a: a[None], xi)
-        return jax.jacrev(lambda p: model_fn(p, xb)[0])(params)
+        out, vjp = jax.vjp(lambda p: model_fn(p, xb)[0], params)
+        # the rows of the (k, D) Jacobian: one VJP per output, batched (a jacrev written out, so
+        # that it also traces on batch-sharded inputs of an Explicit mesh)
+        (rows,) = jax.vmap(vjp)(vary_like(jnp.eye(out.shape[0], dtype=out.dtype), out))
+        return rows
 
     return jax.vmap(single)(x)
 

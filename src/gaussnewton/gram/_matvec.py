@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gaussnewton._sharding import vary_like
 from gaussnewton._tree import compute_dtype
 
 
@@ -30,7 +31,7 @@ def matvec_gram(model_fn, params, x1, x2=None):
     f2 = jax.eval_shape(model_fn, params, x2_)
     n2, k = f2.shape
     matvec = gram_matvec(model_fn, params, x1, x2)
-    basis = jnp.eye(n2 * k, dtype=f2.dtype).reshape(n2 * k, n2, k)
+    basis = vary_like(jnp.eye(n2 * k, dtype=f2.dtype).reshape(n2 * k, n2, k), f2)
     cols = jax.vmap(matvec)(basis)  # (n2 k, n1, k)
     n1 = cols.shape[1]
     cols = cols.astype(compute_dtype(cols.dtype))

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaussnewton._sharding import vary_like
+
 from ._analysis import LeafUses, analyze
 from ._cost import (
     CONSTANT,
@@ -117,10 +119,11 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
             (out,) = evaluate(closed.jaxpr, closed.consts, full + list(x_leaves), hook)
             return out, acts
 
-        probes0 = [jnp.zeros(a.shape, a.dtype) for a in out_avals]
+        # inside shard_map the probes vary like the inputs: derivatives are this device's own
+        probes0 = vary_like([jnp.zeros(a.shape, a.dtype) for a in out_avals], x_leaves[0])
         gleaves0 = [leaves[p] for p in grad_idx]
         out, vjp_fn, acts = jax.vjp(fwd, probes0, gleaves0, has_aux=True)
-        g_probes, g_leaves = jax.vmap(vjp_fn)(jnp.eye(k, dtype=out.dtype))
+        g_probes, g_leaves = jax.vmap(vjp_fn)(vary_like(jnp.eye(k, dtype=out.dtype), out))
         A, G = [], []
         for a, g, f in zip(acts, g_probes, forms, strict=True):
             g = jnp.transpose(g, (0,) + tuple(1 + d for d in f.g_perm))
