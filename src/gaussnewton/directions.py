@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from gaussnewton import _validate as v
 from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
 from gaussnewton.cg import row_space_cg
-from gaussnewton.gram import as_2d, gram_factors
+from gaussnewton.gram import as_2d, gram_factors, strategy_name
 from gaussnewton.linalg import num_tiles, solve_tiled_spd
 from gaussnewton.linearization import linearize, with_output_axis
 from gaussnewton.losses import Loss, LossLike, expand, get_loss, project
@@ -356,7 +356,7 @@ def egn_direction(
     *,
     loss: LossLike,
     damping: float | jax.Array,
-    gram: str = "auto",
+    gram: Any = "auto",
     curvature: str = "exact",
     num_samples: int = 1,
     key: jax.Array | None = None,
@@ -373,7 +373,8 @@ def egn_direction(
         y: labels (see :mod:`gaussnewton.losses` for the shapes each loss takes).
         loss: a loss name or :class:`~gaussnewton.losses.Loss`.
         damping: ``λ > 0`` (``λ ≥ 0`` for squared error).
-        gram: Gram strategy name (``"auto"``, ``"jacobian"``, ``"matvec"``, ...).
+        gram: Gram strategy name (``"auto"``, ``"jacobian"``, ``"matvec"``, ...) or a registered
+            strategy object (:func:`gaussnewton.gram.strategy_name`).
         curvature: ``"exact"`` (``Q``) or ``"sampled"`` (Monte-Carlo factor with ``num_samples``
             columns per example, needs ``key``).
         solver: a solver object of :mod:`gaussnewton.solvers` —
@@ -400,6 +401,7 @@ def egn_direction(
     from gaussnewton.solvers import as_solver  # solvers builds on this module
 
     solver_obj = as_solver(solver, max_cg_iters=max_cg_iters, cg_tol=cg_tol)
+    gram = strategy_name(gram)
     lin = linearize_and_solve(
         model_fn,
         params,

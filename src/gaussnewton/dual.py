@@ -71,7 +71,7 @@ from jax.scipy.special import xlogy
 from gaussnewton._family import assemble, check_common, check_int
 from gaussnewton._tree import compute_dtype, tree_vdot
 from gaussnewton.damping import AdaptiveDamping
-from gaussnewton.gram import as_2d
+from gaussnewton.gram import as_2d, strategy_name
 from gaussnewton.gram import gram as compute_gram
 from gaussnewton.linalg import solve_damped_spd
 from gaussnewton.linearization import linearize
@@ -258,7 +258,7 @@ def dual_gn(
     line_search: str | Armijo | None = "armijo",
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
-    gram: str = "auto",
+    gram: str | Callable = "auto",
 ) -> GaussNewtonOptimizer:
     r"""Dual Gauss-Newton: the prox-linear direction ``v*`` through its dual (module docstring).
 
@@ -272,13 +272,15 @@ def dual_gn(
             ``0`` gives the Cauchy point ``−τ∇L``). ``info.cg_iters`` reports it and
             ``info.cg_residual`` the optimality residual ``max |p − softmax(f − Kα/μ)|`` of the
             last inner iterate (0 for squared error, solved exactly).
-        damping_policy, line_search, momentum, tx, gram: as in :func:`gaussnewton.egn`.
+        damping_policy, line_search, momentum, tx, gram: as in :func:`gaussnewton.egn` (``gram``:
+            a name or a registered strategy object).
     """
     loss_obj = check_common(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=True
     )
     _kind(loss_obj)
     check_int("max_inner_iters", max_inner_iters, 0)
+    gram = strategy_name(gram)
 
     def direction_fn(model, params, x, y, lam, key, method_state):
         del key
@@ -340,7 +342,7 @@ def dual_gn_transform(
     loss: LossLike,
     damping: float = 1e-3,
     max_inner_iters: int = 5,
-    gram: str = "auto",
+    gram: str | Callable = "auto",
     key: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The dual GN direction as an optax transform: ``update(grads, state, params, *, x, y)``.
@@ -375,6 +377,7 @@ def dual_gn_transform(
         raise TypeError("dual_gn_transform: damping must be a number (λ > 0), e.g. 1e-3.")
     _kind(loss_obj)
     check_int("max_inner_iters", max_inner_iters, 0)
+    gram = strategy_name(gram)
     model = as_model(model_fn)
     stateful = model.has_state or model.needs_key
     if key is not None and not stateful:

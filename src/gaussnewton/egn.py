@@ -18,7 +18,7 @@ from gaussnewton._family import assemble, check_common
 from gaussnewton._tree import tree_vdot, tree_zeros_like
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.directions import CURVATURES, linearize_and_solve
-from gaussnewton.gram import STRATEGIES
+from gaussnewton.gram import strategy_name
 from gaussnewton.linearization import with_output_axis
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import LossLike, get_loss
@@ -38,7 +38,7 @@ def egn(
     line_search: str | Armijo | None = "armijo",
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
-    gram: str = "auto",
+    gram: str | Callable = "auto",
     curvature: str = "exact",
     num_samples: int = 1,
     solver: Any = "auto",
@@ -72,7 +72,9 @@ def egn(
         momentum: ``β ∈ [0, 1)`` of the bias-corrected direction average.
         tx: optional optax transform applied to the (averaged) direction, optax's sign convention
             (see above).
-        gram: Gram strategy (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"`` when available).
+        gram: Gram strategy: a name (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"``,
+            or one added with :func:`gaussnewton.register_strategy`) or a registered strategy
+            object itself (e.g. ``gaussnewton.gram.STRATEGIES["matvec"]``).
         curvature: ``"exact"`` or ``"sampled"`` (``num_samples`` Monte-Carlo columns per example).
         solver: a solver object of :mod:`gaussnewton.solvers` or its name:
             :class:`~gaussnewton.AutoSolver` / ``"auto"`` (default: the cheaper exact space — the
@@ -103,8 +105,7 @@ def egn(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=strict
     )
     v.check_choice("curvature", curvature, CURVATURES)
-    if gram != "auto" and gram not in STRATEGIES:
-        raise ValueError(f"gram={gram!r} is unknown; use 'auto' or one of {sorted(STRATEGIES)}.")
+    gram = strategy_name(gram)  # a name, or a registered strategy object -> its name
     if curvature == "sampled" and not loss_obj.supports_sampling:
         raise ValueError(
             f"curvature='sampled' is not available for loss {loss_obj.name!r}; use curvature='exact'."

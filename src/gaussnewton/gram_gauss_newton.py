@@ -45,7 +45,7 @@ def gram_gauss_newton(
     line_search: str | Armijo | None = None,
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
-    gram: str = "auto",
+    gram: str | Callable = "auto",
     solver: Any = "cholesky",
     max_cg_iters: int | None = None,
     cg_tol: float = 1e-6,
