@@ -31,12 +31,14 @@ from gaussnewton.optax_bridge import as_optax
 from gaussnewton.optimizer import Direction, GaussNewtonOptimizer, GaussNewtonState, StepInfo
 from gaussnewton.preconditioner import EGNPreconditionerState, egn_preconditioner
 from gaussnewton.sgn import sgn
+from gaussnewton.solvers import AutoSolver, ParamCholesky, RowCG, RowCholesky
 from gaussnewton.sqn import sqn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveDamping",
+    "AutoSolver",
     "Armijo",
     "BatchLinearization",
     "ConstantDamping",
@@ -51,6 +53,9 @@ __all__ = [
     "LineSearchResult",
     "Loss",
     "Model",
+    "ParamCholesky",
+    "RowCG",
+    "RowCholesky",
     "SigmoidBinaryCrossEntropy",
     "SoftmaxCrossEntropy",
     "SquaredError",

@@ -1,4 +1,4 @@
-r"""Where a step's data lives on a device mesh (docs/METHODS.md §8, docs/many_devices.md).
+r"""Where a step's data lives on a device mesh (docs/METHODS.md §7, docs/many_devices.md).
 
 The batch of a step may be sharded over the devices of a :class:`jax.sharding.Mesh` (data
 parallelism). Every per-example pass (outputs, ``g``, the per-example Gram factors, the VJP of

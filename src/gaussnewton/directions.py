@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -37,13 +38,13 @@ import jax.numpy as jnp
 
 from gaussnewton import _validate as v
 from gaussnewton._sharding import NO_AXIS, BatchAxis, like_batch, replicate
-from gaussnewton._tree import compute_dtype, tree_norm, tree_size, tree_vdot
+from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
 from gaussnewton.cg import row_space_cg
-from gaussnewton.gram import as_2d, batch_coupling, gram_factors
+from gaussnewton.gram import as_2d, gram_factors, strategy_name
 from gaussnewton.linalg import num_tiles, solve_tiled_spd
 from gaussnewton.linearization import linearize, with_output_axis
 from gaussnewton.losses import Loss, LossLike, expand, get_loss, project
-from gaussnewton.param_space import choose_space, param_space_direction
+from gaussnewton.param_space import param_space_direction
 
 PyTree = Any
 
@@ -164,6 +165,27 @@ def _flat_outputs(fn):
     return flat
 
 
+class SolveProblem(NamedTuple):
+    """One batch's Levenberg-Marquardt system, as a solver object receives it (internal).
+
+    ``model_fn`` already has its output axis (:func:`~gaussnewton.linearization.with_output_axis`);
+    ``warm_start`` is the previous direction (a ``params``-shaped pytree) or ``None``.
+    """
+
+    model_fn: Any
+    params: PyTree
+    x: PyTree
+    y: jax.Array
+    loss: Loss
+    damping: jax.Array
+    gram_strategy: Any = "auto"
+    curvature: str = "exact"
+    num_samples: int = 1
+    key: jax.Array | None = None
+    warm_start: PyTree | None = None
+    axis: BatchAxis = NO_AXIS  # the batch axis inside shard_map (x, y: this device's block)
+
+
 def linearize_and_solve(
     model_fn,
     params: PyTree,
@@ -172,49 +194,84 @@ def linearize_and_solve(
     *,
     loss: Loss,
     damping: jax.Array,
-    gram_strategy: str = "auto",
+    solver: Any,
+    gram_strategy: Any = "auto",
     curvature: str = "exact",
     num_samples: int = 1,
     key: jax.Array | None = None,
-    solver: str = "cholesky",
-    max_cg_iters: int | None = None,
-    cg_tol: float = 1e-6,
     warm_start: PyTree | None = None,
     axis: BatchAxis = NO_AXIS,
 ) -> _Linearization:
-    """batch → outputs, loss, g, S → Gram → row-space solve → one VJP back (internal workhorse).
+    """batch → outputs, loss, g, S → Gram (or ``K v``) → solve → one VJP back (internal workhorse).
 
-    ``solver="cg"``: the same row-space system by CG with matrix-free ``K v`` products
-    (:func:`gaussnewton.cg.row_space_cg`; ``warm_start`` is a previous direction or ``None``).
+    ``solver`` is a solver object of :mod:`gaussnewton.solvers` (use
+    :func:`gaussnewton.solvers.as_solver` for the string names): its ``solve`` method gets the
+    :class:`SolveProblem` and does its part (:func:`solve_exact` or :func:`solve_row_cg`).
     ``axis``: the batch axis when run inside ``shard_map`` (``x``, ``y`` the local block; the
     direction, loss and gradient are those of the whole batch).
     """
-    fn = with_output_axis(model_fn)
-    if solver == "cg":
-        fn = as_2d(fn)  # row-space CG takes (b, c) outputs
-        lin = linearize(fn, loss, params, x, y, mode="linearize", axis=axis)
-        f = lin.outputs
-        identity = curvature == "exact" and loss.identity_scale(f, lin.labels) == 1.0
-        s = (
-            None
-            if identity
-            else _curvature_factor(loss, f, lin.labels, curvature, num_samples, key, axis)
+    problem = SolveProblem(
+        with_output_axis(model_fn),
+        params,
+        x,
+        y,
+        loss,
+        damping,
+        gram_strategy,
+        curvature,
+        num_samples,
+        key,
+        warm_start,
+        axis,
+    )
+    return solver.solve(problem)
+
+
+def solve_row_cg(problem: SolveProblem, max_iters: int | None, tol: float) -> _Linearization:
+    """The row-space system by CG with matrix-free ``K v`` products
+    (:func:`gaussnewton.cg.row_space_cg`; ``problem.warm_start``: a previous direction or ``None``)."""
+    fn = as_2d(problem.model_fn)  # row-space CG takes (b, c) outputs
+    loss, curvature, damping, axis = problem.loss, problem.curvature, problem.damping, problem.axis
+    lin = linearize(fn, loss, problem.params, problem.x, problem.y, mode="linearize", axis=axis)
+    f = lin.outputs
+    identity = curvature == "exact" and loss.identity_scale(f, lin.labels) == 1.0
+    s = (
+        None
+        if identity
+        else _curvature_factor(
+            loss, f, lin.labels, curvature, problem.num_samples, problem.key, axis
         )
-        grad, direction, res = row_space_cg(
-            lin.jvp,
-            lin.vjp,
-            lin.g,
-            s,
-            damping,
-            warm_start=warm_start,
-            max_iters=max_cg_iters,
-            tol=cg_tol,
-            axis=axis,
-        )
-        s = jnp.zeros((f.shape[0], f.shape[1], 0), f.dtype) if identity else s
-        return _Linearization(
-            lin.loss, grad, direction, s, identity, res.iters, res.residual_max, lin.labels_ok
-        )
+    )
+    grad, direction, res = row_space_cg(
+        lin.jvp,
+        lin.vjp,
+        lin.g,
+        s,
+        damping,
+        warm_start=problem.warm_start,
+        max_iters=max_iters,
+        tol=tol,
+        axis=axis,
+    )
+    s = jnp.zeros((f.shape[0], f.shape[1], 0), f.dtype) if identity else s
+    return _Linearization(
+        lin.loss, grad, direction, s, identity, res.iters, res.residual_max, lin.labels_ok
+    )
+
+
+#: ``use_parameter_space(fn, params, x, f, s, b) -> bool`` (static; ``b`` the whole batch's size)
+#: or None: row space only
+SpaceRule = Callable[..., bool] | None
+
+
+def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linearization:
+    """The exact direction by one Cholesky: in the ``D x D`` parameter space when
+    ``use_parameter_space(fn, params, x, f, s, b)`` says so (static), else in the row space
+    (tiled formed Gram, :func:`_gram_solve`): ``Q = qI``, the range form, or Woodbury."""
+    fn, params, x, y = problem.model_fn, problem.params, problem.x, problem.y
+    loss, damping, gram_strategy = problem.loss, problem.damping, problem.gram_strategy
+    curvature, num_samples, key = problem.curvature, problem.num_samples, problem.key
+    axis = problem.axis
     lin = linearize(fn, loss, params, x, y, tokens=True, axis=axis)
     f, g = lin.outputs, lin.g
     b = lin.batch_size  # the whole batch; f, g are this device's block (b_local = f.shape[0])
@@ -224,13 +281,13 @@ def linearize_and_solve(
     blam = b * lam
     flat_fn = _flat_outputs(fn)
     q = loss.identity_scale(f, lin.labels) if curvature == "exact" else None
-    if solver in ("auto", "param"):
+    if use_parameter_space is not None:
         s = (
             None
             if q is not None
             else _curvature_factor(loss, f, lin.labels, curvature, num_samples, key, axis)
         )
-        if _parameter_space(solver, fn, params, x, f, s, b):
+        if use_parameter_space(fn, params, x, f, s, b):
             # d = −(AᵀA/b + λI)⁻¹ ∇L by a D x D Cholesky (A = SᵀJ; Q = I for 2-D squared error)
             grad = lin.grad()
             direction = param_space_direction(fn, params, x, g, s, lam, grad, axis=axis)
@@ -310,33 +367,6 @@ def linearize_and_solve(
     )
 
 
-def _parameter_space(solver, fn, params, x, f, s, b: int) -> bool:
-    """Whether to solve in the ``D x D`` parameter space (static: shapes and the model's jaxpr).
-
-    ``solver="auto"`` takes it when :func:`~gaussnewton.param_space.choose_space` says it is
-    cheaper (``D`` well below the row-space size ``b·r``) and the examples are independent
-    (the per-example Jacobians of a batch-coupled model are not rows of the batch Jacobian).
-    """
-    if f.ndim != 2:
-        if solver == "param":
-            raise ValueError(
-                "solver='param' takes (b, c) outputs; use solver='cholesky' for per-token outputs."
-            )
-        return False
-    if solver == "param":
-        coupling = batch_coupling(fn, params, x)
-        if coupling.coupled:
-            raise ValueError(
-                "solver='param' forms per-example Jacobians, but this model couples the examples "
-                f"of a batch ({coupling.summary()}); use solver='auto' or 'cholesky'."
-            )
-        return True
-    rows = b * (f.shape[1] if s is None else s.shape[-1])
-    if choose_space(tree_size(params), rows) != "param":
-        return False
-    return not batch_coupling(fn, params, x).coupled
-
-
 def _range_coefficients(loss: Loss, f, labels):
     """``(t, r)`` with ``g = S t + r`` per token and ``r = 0`` where ``g ∈ range(S)``, or None
     when the loss has no closed form (then the Woodbury form is used)."""
@@ -352,11 +382,11 @@ def egn_direction(
     *,
     loss: LossLike,
     damping: float | jax.Array,
-    gram: str = "auto",
+    gram: Any = "auto",
     curvature: str = "exact",
     num_samples: int = 1,
     key: jax.Array | None = None,
-    solver: str = "cholesky",
+    solver: Any = "cholesky",
     max_cg_iters: int | None = None,
     cg_tol: float = 1e-6,
 ) -> tuple[PyTree, DirectionInfo]:
@@ -369,12 +399,16 @@ def egn_direction(
         y: labels (see :mod:`gaussnewton.losses` for the shapes each loss takes).
         loss: a loss name or :class:`~gaussnewton.losses.Loss`.
         damping: ``λ > 0`` (``λ ≥ 0`` for squared error).
-        gram: Gram strategy name (``"auto"``, ``"jacobian"``, ``"matvec"``, ...).
+        gram: Gram strategy name (``"auto"``, ``"jacobian"``, ``"matvec"``, ...) or a registered
+            strategy object (:func:`gaussnewton.gram.strategy_name`).
         curvature: ``"exact"`` (``Q``) or ``"sampled"`` (Monte-Carlo factor with ``num_samples``
             columns per example, needs ``key``).
-        solver: ``"cholesky"`` (formed Gram) or ``"cg"`` (row-space CG with matrix-free ``K v``
-            products, at most ``max_cg_iters`` iterations — ``None``: the row-space dimension —
-            until the residual max-norm is ``<= cg_tol``).
+        solver: a solver object of :mod:`gaussnewton.solvers` —
+            :class:`~gaussnewton.RowCholesky` (formed Gram), :class:`~gaussnewton.ParamCholesky`
+            (``D x D``), :class:`~gaussnewton.RowCG` (row-space CG with matrix-free ``K v``
+            products) or :class:`~gaussnewton.AutoSolver` — or its name ``"cholesky"``,
+            ``"param"``, ``"cg"``, ``"auto"``. With ``"cg"`` the flattened ``max_cg_iters`` /
+            ``cg_tol`` are its ``RowCG(max_iters=..., tol=...)`` (kept for compatibility).
 
     Returns:
         ``(d, info)`` with ``d`` shaped like ``params`` (``params + d`` is the full LM step) and a
@@ -390,8 +424,10 @@ def egn_direction(
         )
     if curvature not in CURVATURES:
         raise ValueError(f"curvature={curvature!r} is unknown; use one of {CURVATURES}.")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is unknown; use one of {SOLVERS}.")
+    from gaussnewton.solvers import as_solver  # solvers builds on this module
+
+    solver_obj = as_solver(solver, max_cg_iters=max_cg_iters, cg_tol=cg_tol)
+    gram = strategy_name(gram)
     lin = linearize_and_solve(
         model_fn,
         params,
@@ -403,9 +439,7 @@ def egn_direction(
         curvature=curvature,
         num_samples=num_samples,
         key=key,
-        solver=solver,
-        max_cg_iters=max_cg_iters,
-        cg_tol=cg_tol,
+        solver=solver_obj,
     )
     info = DirectionInfo(
         loss=lin.loss,

@@ -72,7 +72,7 @@ from gaussnewton._family import assemble, check_common, check_int
 from gaussnewton._sharding import like_batch, replicate
 from gaussnewton._tree import compute_dtype, tree_vdot
 from gaussnewton.damping import AdaptiveDamping
-from gaussnewton.gram import as_2d
+from gaussnewton.gram import as_2d, strategy_name
 from gaussnewton.gram import gram as compute_gram
 from gaussnewton.linalg import solve_damped_spd
 from gaussnewton.linearization import linearize
@@ -85,11 +85,12 @@ from gaussnewton.losses import (
     SquaredError,
     WeightedLabels,
 )
+from gaussnewton.model import Model, as_model
 from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization
 
 PyTree = Any
 
-__all__ = ["dual_gn", "dual_gn_transform", "DualSolve", "dual_solve"]
+__all__ = ["dual_gn", "dual_gn_transform", "DualGNTransformState", "DualSolve", "dual_solve"]
 
 _LS_C1 = 1e-4  # Armijo constant of the inner backtracking (on Φ)
 _LS_TRIALS = 40  # halvings of the inner step before giving up (step 0)
@@ -260,7 +261,7 @@ def dual_gn(
     line_search: str | Armijo | None = "armijo",
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
-    gram: str = "auto",
+    gram: str | Callable = "auto",
 ) -> GaussNewtonOptimizer:
     r"""Dual Gauss-Newton: the prox-linear direction ``v*`` through its dual (module docstring).
 
@@ -274,13 +275,15 @@ def dual_gn(
             ``0`` gives the Cauchy point ``−τ∇L``). ``info.cg_iters`` reports it and
             ``info.cg_residual`` the optimality residual ``max |p − softmax(f − Kα/μ)|`` of the
             last inner iterate (0 for squared error, solved exactly).
-        damping_policy, line_search, momentum, tx, gram: as in :func:`gaussnewton.egn`.
+        damping_policy, line_search, momentum, tx, gram: as in :func:`gaussnewton.egn` (``gram``:
+            a name or a registered strategy object).
     """
     loss_obj = check_common(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=True
     )
     _kind(loss_obj)
     check_int("max_inner_iters", max_inner_iters, 0)
+    gram = strategy_name(gram)
 
     def direction_fn(model, params, x, y, lam, key, method_state):
         del key
@@ -324,13 +327,26 @@ def dual_gn(
     )
 
 
+class DualGNTransformState(NamedTuple):
+    """State of :func:`dual_gn_transform` for a :class:`~gaussnewton.Model` with state or key.
+
+    ``key`` is raw ``uint32`` key data, split once per update as in the optimizers (an update's
+    model key is ``fold_in(step key, 1)``); ``model_state`` is the model state of the last
+    evaluation at ``params``.
+    """
+
+    key: jax.Array
+    model_state: PyTree
+
+
 def dual_gn_transform(
-    model_fn: Callable,
+    model_fn: Callable | Model,
     *,
     loss: LossLike,
     damping: float = 1e-3,
     max_inner_iters: int = 5,
-    gram: str = "auto",
+    gram: str | Callable = "auto",
+    key: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The dual GN direction as an optax transform: ``update(grads, state, params, *, x, y)``.
 
@@ -338,28 +354,77 @@ def dual_gn_transform(
     ``optax.chain(dual_gn_transform(...), optax.sgd(1/λ))`` takes the full prox-linear step and
     ``optax.adam`` etc. use it in place of the gradient. The incoming ``grads`` are not used: the
     transform recomputes outputs, Gram and dual from ``params`` and the batch ``(x, y)``.
+
+    ``model_fn`` may be a :class:`~gaussnewton.Model`: with ``has_state`` or ``needs_key`` the
+    transform's state is a :class:`DualGNTransformState` (``init(params)`` starts from
+    ``Model.initial_state`` and ``key``, default ``jax.random.key(0)``); each update evaluates the
+    model with that state and a fresh key (``update(..., key=k)`` gives this update's key
+    instead of splitting the state's) and keeps the new model state, as the optimizers do. A plain
+    function (or a ``Model`` without state or key) keeps ``optax.EmptyState()``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> import gaussnewton as gn
+        >>> def fn(p, x, *, key):
+        ...     keep = jax.random.bernoulli(key, 0.9, x.shape)
+        ...     return jnp.where(keep, x / 0.9, 0.0) @ p
+        >>> model = gn.Model(fn, needs_key=True)
+        >>> tx = optax.chain(gn.dual_gn_transform(model, loss="squared_error", damping=1e-2),
+        ...                  optax.sgd(100.0))
+        >>> p = jnp.zeros((3, 1))
+        >>> state = tx.init(p)
+        >>> g, state = tx.update(p, state, p, x=jnp.ones((4, 3)), y=jnp.ones((4, 1)))
     """
     loss_obj = check_common(model_fn, loss, 1.0, damping, 0.0, None, damping_strict=True)
     if callable(damping):
         raise TypeError("dual_gn_transform: damping must be a number (λ > 0), e.g. 1e-3.")
     _kind(loss_obj)
     check_int("max_inner_iters", max_inner_iters, 0)
-    fn = as_2d(model_fn)
+    gram = strategy_name(gram)
+    model = as_model(model_fn)
+    stateful = model.has_state or model.needs_key
+    if key is not None and not stateful:
+        raise ValueError(
+            "dual_gn_transform(key=...) seeds a gn.Model with needs_key=True or has_state=True; "
+            "this model takes no key: drop key=."
+        )
+    plain_fn = as_2d(model.fn)
 
     def init_fn(params):
         del params
-        return optax.EmptyState()
+        if not stateful:
+            return optax.EmptyState()
+        raw = jax.random.key_data(jax.random.key(0) if key is None else _typed_key(key))
+        return DualGNTransformState(raw, model.initial_state)
 
-    def update_fn(updates, state, params=None, *, x=None, y=None, **extra_args):
+    def update_fn(updates, state, params=None, *, x=None, y=None, key=None, **extra_args):
         del extra_args
         if params is None or x is None or y is None:
             raise ValueError(
                 "dual_gn_transform needs params and the batch: call "
                 "tx.update(grads, state, params, x=x, y=y)."
             )
+        fn, new_state = plain_fn, state
+        if stateful:
+            if key is None:
+                key, nxt = jax.random.split(jax.random.wrap_key_data(state.key))
+                state = state._replace(key=jax.random.key_data(nxt))
+            model_key = jax.random.fold_in(key, 1) if model.needs_key else None
+            fn = as_2d(model.bind(state.model_state, model_key))
+            model_state = state.model_state
+            if model.has_state:
+                _, model_state = model.apply(params, x, state.model_state, model_key)
+            new_state = state._replace(model_state=model_state)
         lin, res = _solve_batch(fn, loss_obj, params, x, y, damping, gram, max_inner_iters)
         out = lin.vjp((res.alpha / lin.batch_size).astype(lin.outputs.dtype))
         out = jax.tree_util.tree_map(lambda o, u: o.astype(u.dtype), out, updates)
-        return out, state
+        return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _typed_key(key: jax.Array) -> jax.Array:
+    """A typed PRNG key from a typed key or raw ``uint32`` key data."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))

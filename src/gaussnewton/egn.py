@@ -8,21 +8,23 @@ exact row-space Levenberg-Marquardt solve of :mod:`gaussnewton.directions`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 import optax
 
 from gaussnewton import _validate as v
-from gaussnewton._family import assemble, check_axis_name, check_common, check_int
+from gaussnewton._family import assemble, check_axis_name, check_common
 from gaussnewton._sharding import BatchAxis
 from gaussnewton._tree import tree_vdot, tree_zeros_like
 from gaussnewton.damping import AdaptiveDamping
-from gaussnewton.directions import CURVATURES, SOLVERS, linearize_and_solve
-from gaussnewton.gram import STRATEGIES
+from gaussnewton.directions import CURVATURES, linearize_and_solve
+from gaussnewton.gram import strategy_name
 from gaussnewton.linearization import with_output_axis
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import LossLike, get_loss
 from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization, Schedule, quad_from_factor
+from gaussnewton.solvers import as_solver
 
 __all__ = ["egn"]
 
@@ -37,10 +39,10 @@ def egn(
     line_search: str | Armijo | None = "armijo",
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
-    gram: str = "auto",
+    gram: str | Callable = "auto",
     curvature: str = "exact",
     num_samples: int = 1,
-    solver: str = "auto",
+    solver: Any = "auto",
     max_cg_iters: int | None = None,
     cg_tol: float = 1e-6,
     cg_warm_start: bool = True,
@@ -72,17 +74,24 @@ def egn(
         momentum: ``β ∈ [0, 1)`` of the bias-corrected direction average.
         tx: optional optax transform applied to the (averaged) direction, optax's sign convention
             (see above).
-        gram: Gram strategy (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"`` when available).
+        gram: Gram strategy: a name (``"auto"``, ``"jacobian"``, ``"matvec"``, ``"structured"``,
+            or one added with :func:`gaussnewton.register_strategy`) or a registered strategy
+            object itself (e.g. ``gaussnewton.gram.STRATEGIES["matvec"]``).
         curvature: ``"exact"`` or ``"sampled"`` (``num_samples`` Monte-Carlo columns per example).
-        solver: ``"auto"`` (default: the cheaper exact space — the ``D x D`` parameter-space
-            Cholesky when ``D`` is well below the row-space size and the examples are independent,
-            else the row space; :func:`gaussnewton.param_space.choose_space`), ``"cholesky"``
-            (row space, formed Gram), ``"param"`` (parameter space) or ``"cg"``: row-space CG with matrix-free
-            ``K v`` products (METHODS §4.1), at most ``max_cg_iters`` iterations (``None``: the
-            row-space dimension) until the residual max-norm is ``<= cg_tol``; with
-            ``cg_warm_start`` it starts from the previous step's direction mapped to the row space
-            (see :mod:`gaussnewton.cg`; ``gram`` is not used). ``info.cg_iters`` /
-            ``info.cg_residual`` report the solve.
+        solver: a solver object of :mod:`gaussnewton.solvers` or its name:
+            :class:`~gaussnewton.AutoSolver` / ``"auto"`` (default: the cheaper exact space — the
+            ``D x D`` parameter-space Cholesky when ``D`` is well below the row-space size and
+            the examples are independent, else the row space;
+            :func:`gaussnewton.param_space.choose_space`), :class:`~gaussnewton.RowCholesky` /
+            ``"cholesky"`` (row space, formed Gram), :class:`~gaussnewton.ParamCholesky` /
+            ``"param"`` (parameter space) or :class:`~gaussnewton.RowCG` / ``"cg"``: row-space CG
+            with matrix-free ``K v`` products (METHODS §4.1; ``gram`` is not used;
+            ``info.cg_iters`` / ``info.cg_residual`` report the solve).
+        max_cg_iters, cg_tol, cg_warm_start: with ``solver="cg"``, its
+            ``RowCG(max_iters=..., tol=..., warm_start=...)`` (the flattened form, kept for
+            compatibility): at most ``max_cg_iters`` iterations (``None``: the row-space
+            dimension) until the residual max-norm is ``<= cg_tol``; with ``cg_warm_start`` each
+            solve starts from the previous step's direction mapped to the row space.
         axis_name: the mesh axis (or axes) over which the batch is split when ``step`` runs inside
             a user's :func:`jax.shard_map` (``x``, ``y`` local blocks; params and state
             replicated): the per-example passes stay on their device, the per-example Gram factors
@@ -105,22 +114,21 @@ def egn(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=strict
     )
     v.check_choice("curvature", curvature, CURVATURES)
-    if gram != "auto" and gram not in STRATEGIES:
-        raise ValueError(f"gram={gram!r} is unknown; use 'auto' or one of {sorted(STRATEGIES)}.")
+    gram = strategy_name(gram)  # a name, or a registered strategy object -> its name
     if curvature == "sampled" and not loss_obj.supports_sampling:
         raise ValueError(
             f"curvature='sampled' is not available for loss {loss_obj.name!r}; use curvature='exact'."
         )
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
-    v.check_choice("solver", solver, SOLVERS)
-    if max_cg_iters is not None:
-        check_int("max_cg_iters", max_cg_iters)
-    v.check_number("cg_tol", cg_tol, strict=False, hint="e.g. cg_tol=1e-6.")
-    warm = solver == "cg" and bool(cg_warm_start)
+    solver_obj = as_solver(
+        solver, max_cg_iters=max_cg_iters, cg_tol=cg_tol, cg_warm_start=cg_warm_start
+    )
+    warm = bool(solver_obj.carries_direction)
+    # the applied update is α d exactly: the gain-ratio model comes from the solve when it
+    # reports ½dᵀHd (the row-space Cholesky forms; no extra JVP)
+    free_quad = not momentum and tx is None
     axis = BatchAxis(check_axis_name(axis_name))
-    # the applied update is α d exactly: the gain-ratio model comes from the solve (no extra JVP)
-    free_quad = solver in ("auto", "cholesky") and not momentum and tx is None
 
     def direction_fn(model, params, x, y, lam, key, method_state):
         # batch → outputs, loss, g, S → Gram (or K v) → row-space solve → one VJP back
@@ -136,9 +144,7 @@ def egn(
             curvature=curvature,
             num_samples=num_samples,
             key=key,
-            solver=solver,
-            max_cg_iters=max_cg_iters,
-            cg_tol=cg_tol,
+            solver=solver_obj,
             warm_start=method_state if warm else None,
             axis=axis,
         )

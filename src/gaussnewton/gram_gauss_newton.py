@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -44,8 +45,8 @@ def gram_gauss_newton(
     line_search: str | Armijo | None = None,
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
-    gram: str = "auto",
-    solver: str = "cholesky",
+    gram: str | Callable = "auto",
+    solver: Any = "cholesky",
     max_cg_iters: int | None = None,
     cg_tol: float = 1e-6,
     axis_name: str | tuple[str, ...] | None = None,
@@ -59,8 +60,12 @@ def gram_gauss_newton(
         damping_policy: ``"constant"`` (Cai et al.), or any policy of :func:`gaussnewton.egn`
             (it then adapts the GGN ``λ``).
         line_search: ``None`` (Cai et al.) or ``"armijo"`` / :class:`~gaussnewton.Armijo`.
-        momentum, tx, gram, solver, max_cg_iters, cg_tol, axis_name: as in
-            :func:`gaussnewton.egn`.
+        momentum, tx, gram, axis_name: as in :func:`gaussnewton.egn`.
+        solver: a solver object of :mod:`gaussnewton.solvers` (e.g.
+            :class:`~gaussnewton.RowCholesky`, the default ``"cholesky"``, or
+            :class:`~gaussnewton.RowCG`) or its name, as in :func:`gaussnewton.egn`.
+        max_cg_iters, cg_tol: the flattened sub-options of ``solver="cg"`` (see
+            :func:`gaussnewton.egn`).
     """
     base = egn(
         model_fn,

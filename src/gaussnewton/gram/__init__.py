@@ -64,6 +64,7 @@ __all__ = [
     "gram_factors",
     "STRATEGIES",
     "register_strategy",
+    "strategy_name",
     "resolve_strategy",
     "gram",
     "gram_matvec",
@@ -153,6 +154,35 @@ def register_strategy(
         PER_EXAMPLE.add(name)
     else:
         PER_EXAMPLE.discard(name)
+
+
+def strategy_name(gram: str | GramStrategy) -> str:
+    """The registered name of a ``gram=`` argument: ``"auto"``, a name in :data:`STRATEGIES`, or a
+    strategy object / callable registered with :func:`register_strategy` (looked up by identity).
+
+    Example:
+        >>> from gaussnewton.gram import STRATEGIES, strategy_name
+        >>> strategy_name(STRATEGIES["matvec"]), strategy_name("jacobian")
+        ('matvec', 'jacobian')
+    """
+    if isinstance(gram, str):
+        if gram != "auto" and gram not in STRATEGIES:
+            raise ValueError(
+                f"gram={gram!r} is unknown; use 'auto' or one of {sorted(STRATEGIES)}."
+            )
+        return gram
+    for name, registered in STRATEGIES.items():
+        if registered is gram:
+            return name
+    if callable(gram):
+        raise ValueError(
+            f"gram={gram!r} is not a registered strategy; register it first with "
+            "gn.register_strategy(name, strategy) and pass gram=name (or the same object)."
+        )
+    raise TypeError(
+        f"gram={gram!r} must be a strategy name ('auto' or one of {sorted(STRATEGIES)}) or a "
+        "strategy registered with gn.register_strategy."
+    )
 
 
 def as_2d(model_fn: ModelFn) -> ModelFn:
