@@ -162,6 +162,9 @@ class GaussNewtonOptimizer:
     tx: optax.GradientTransformation | None
     name: str = "egn"
     init_method_state: Callable[[PyTree], PyTree] | None = None
+    # where the gain ratio ρ is measured: at the step taken ("accepted_step") or at the full step
+    # α_max d before any backtracking ("full_step", the SGN authors' rule; see gaussnewton.sgn)
+    rho_at: str = "accepted_step"
 
     # ----------------------------------------------------------------------------------- init
     @property
@@ -223,7 +226,16 @@ class GaussNewtonOptimizer:
             loss_at, lin.loss, slope, state
         )
         delta = tree_scale(alpha.astype(dt), d)
-        rho, lam_next = self._next_damping(lam, lin, delta, slope * alpha, loss_after)
+        if self.rho_at == "full_step":  # ρ of α_max d, whatever the line search accepted
+            a_full = jnp.asarray(_as_schedule(self.learning_rate)(state.count), dt)
+            loss_full = jax.lax.cond(
+                alpha == a_full, lambda: loss_after, lambda: loss_at(a_full).astype(dt)
+            )
+            rho, lam_next = self._next_damping(
+                lam, lin, tree_scale(a_full, d), slope * a_full, loss_full
+            )
+        else:
+            rho, lam_next = self._next_damping(lam, lin, delta, slope * alpha, loss_after)
         new_params = tree_axpy(1.0, delta, params)
 
         ok = (
