@@ -125,8 +125,8 @@ SECTIONS: tuple[Section, ...] = (
             ("--seeds", "2", "--steps", "60000", "--eval-every", "10000"),
             "DQN Acrobot-v1, greedy return, 60k environment steps x 2 seeds"),
     Section("dqn_freeway", "results_rl.md", "dqn_freeway",
-            ("--seeds", "1", "--steps", "20000", "--eval-every", "5000"),
-            "DQN MinAtar Freeway (CNN Q-network), greedy return, 20k environment steps, 1 seed"),
+            ("--seeds", "1", "--steps", "10000", "--eval-every", "5000"),
+            "DQN MinAtar Freeway (CNN Q-network), greedy return, 10k environment steps, 1 seed"),
 )  # fmt: skip
 
 
