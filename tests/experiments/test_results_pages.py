@@ -70,7 +70,10 @@ stale generated text
 Hand-written reading of the table, also kept.
 """
 
-README = "# Project\n\nprose\n\n<!-- results:begin readme -->\nold\n<!-- results:end readme -->\n\n## Next\n"
+README = (
+    "# Project\n\nprose\n\n<!-- results:begin readme -->\nold\n<!-- results:end readme -->\n"
+    "\n## Next\n"
+)
 
 
 def test_markers_round_trip():
@@ -120,7 +123,7 @@ def test_pages_regenerate_from_records(tmp_path):
     assert "gaussnewton-experiments run _pages_fake --seeds 2 --out " in body
     rl = (docs / "results_rl.md").read_text()  # created, with the block of the missing section
     assert "not run yet" in G.read_blocks(rl)["fake_two"]
-    lines = G.read_blocks(first_readme)["readme"].splitlines()
+    lines = G.read_blocks(first_readme)["readme"].replace("\n  ", " ").splitlines()
     assert first_readme.startswith("# Project\n\nprose\n\n") and first_readme.endswith("## Next\n")
     assert any(
         ln.startswith("- Fake task one (") and "_pages_a 8.5 ± 0.5, _pages_b 9.5 ± 0.5" in ln
