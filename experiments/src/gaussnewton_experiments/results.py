@@ -320,7 +320,17 @@ def render_readme(
             f"- {section.title} ({_date(data.finished)[:10]}): {data.metric} {kind}: {parts}."
         )
     return (
-        "\n".join(textwrap.fill(ln, 100, subsequent_indent="  ") if ln else ln for ln in lines)
+        "\n".join(
+            textwrap.fill(
+                ln,
+                100,
+                subsequent_indent="  " if ln.startswith("- ") else "",
+                break_on_hyphens=False,
+            )
+            if ln
+            else ln
+            for ln in lines
+        )
         + "\n"
     )
 
