@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= results/california_housing
 
-.PHONY: main test docs lint install install-dev
+.PHONY: main test docs lint install install-dev results
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ install-dev: $(VENV)/.installed-dev
 
 main: install
 	$(BIN)/gaussnewton-experiments run california_housing --out $(OUT)
+
+# the results pages: run (resume) the plan of gaussnewton_experiments.results at its stated budgets
+# into results/pages/, then regenerate the delimited blocks of docs/results.md, docs/results_rl.md
+# and the README (plus docs/figures/*.png) from the records; RESULTS_ARGS=--no-run only re-renders
+results: install-dev
+	$(BIN)/gaussnewton-experiments results --records results/pages --docs docs --readme README.md $(RESULTS_ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest -n 2 -q

@@ -166,6 +166,9 @@ class GaussNewtonOptimizer:
     #: the batch axis name when ``step`` runs inside ``jax.shard_map`` over a split batch (the
     #: direction function must use the same axis: :func:`egn` passes it on)
     axis_name: Any = None
+    # where the gain ratio ρ is measured: at the step taken ("accepted_step") or at the full step
+    # α_max d before any backtracking ("full_step", the SGN authors' rule; see gaussnewton.sgn)
+    rho_at: str = "accepted_step"
 
     @property
     def batch_axis(self) -> BatchAxis:
@@ -236,7 +239,16 @@ class GaussNewtonOptimizer:
             loss_at, lin.loss, slope, state
         )
         delta = tree_scale(alpha.astype(dt), d)
-        rho, lam_next = self._next_damping(lam, lin, delta, slope * alpha, loss_after)
+        if self.rho_at == "full_step":  # ρ of α_max d, whatever the line search accepted
+            a_full = jnp.asarray(_as_schedule(self.learning_rate)(state.count), dt)
+            loss_full = jax.lax.cond(
+                alpha == a_full, lambda: loss_after, lambda: loss_at(a_full).astype(dt)
+            )
+            rho, lam_next = self._next_damping(
+                lam, lin, tree_scale(a_full, d), slope * a_full, loss_full
+            )
+        else:
+            rho, lam_next = self._next_damping(lam, lin, delta, slope * alpha, loss_after)
         new_params = tree_axpy(1.0, delta, params)
 
         ok = (

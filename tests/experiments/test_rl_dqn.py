@@ -76,3 +76,60 @@ def test_bad_config_raises():
         DQNConfig(gamma=1.5)
     with pytest.raises(ValueError, match="batch_size"):
         DQNConfig(batch_size=0)
+
+
+def test_cnn_q_network_is_the_papers_and_matches_a_dense_reference():
+    """Conv 16 3x3 (VALID) → ReLU → Dense 64 → ReLU → actions on 10x10x7 images, against numpy."""
+    from gaussnewton_experiments.rl.dqn import cnn_init
+
+    params = cnn_init(jax.random.key(1), (10, 10, 7), 16, 64, 3)
+    assert params["conv_w"].shape == (3, 3, 7, 16) and params["w0"].shape == (8 * 8 * 16, 64)
+    obs = jax.random.bernoulli(jax.random.key(2), 0.2, (2, 10, 10, 7)).astype(jnp.float32)
+    q = np.asarray(q_all(params, obs.reshape(2, -1)))
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    x = np.asarray(obs, np.float64)
+    conv = np.zeros((2, 8, 8, 16))
+    for i in range(3):
+        for j in range(3):
+            conv += np.einsum("bhwc,cf->bhwf", x[:, i : i + 8, j : j + 8], p["conv_w"][i, j])
+    h = np.maximum(conv + p["conv_b"], 0).reshape(2, -1)
+    h = np.maximum(h @ p["w0"] + p["b0"], 0)
+    np.testing.assert_allclose(q, h @ p["w1"] + p["b1"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="network"):
+        DQNConfig(network="rnn")
+
+
+def test_dqn_freeway_minatar_smoke():
+    """A few steps of EGN-DQN on MinAtar Freeway with the CNN (gymnax ships MinAtar, offline).
+
+    Run in 32-bit mode, as the CLI runs it: gymnax's Freeway mixes int32 and int64 under the
+    suite's ``jax_enable_x64`` and fails to trace."""
+    with jax.enable_x64(False):
+        _freeway_smoke()
+
+
+def _freeway_smoke():
+    cfg = DQNConfig(
+        num_envs=2,
+        buffer_size=64,
+        batch_size=8,
+        hidden=(64,),
+        network="cnn",
+        learning_starts=16,
+        target_every=4,
+        eval_episodes=1,
+    )
+    opt = gn.egn(
+        DQNLearner.model_fn, loss="squared_error", learning_rate=0.1, damping=1.0,
+        damping_policy="constant", line_search=None,
+    )  # fmt: skip
+    learner = DQNLearner("Freeway-MinAtar", opt, cfg)
+    assert learner.obs_shape == (10, 10, 7) and learner.num_actions == 3
+    assert learner.max_steps == 2500
+    # greedy evaluation scans a whole episode: a 40-step time limit keeps the test short
+    learner.env_params = learner.env_params.replace(max_steps_in_episode=40)
+    learner.max_steps = 40
+    rows = list(learner.iterate(jax.random.key(0), 32, 32))
+    assert [r["step"] for r in rows] == [0, 32]
+    assert rows[-1]["updates"] == (32 - 16) // 2 + 1
+    assert np.isfinite(rows[-1]["train_loss"]) and rows[-1]["return"] >= 0.0

@@ -141,3 +141,26 @@ def test_registered_lqr_experiment_yields_rows():
     assert all(np.isfinite(r[spec.metric]) and r["train_time"] >= 0 for r in rows)
     with pytest.raises(ValueError, match="unknown options"):
         list(spec.run(RunConfig("lqr_ac1", "adam", 0, 10, options={"bogus": 1})))
+
+
+def test_bdt1_egn_auto_solver_is_the_parameter_space_solve():
+    """BDT1 (n_z = 14, D = 105 upper-triangle parameters) at the experiment's batch 256: the
+    default ``gn.egn(solver="auto")`` builds the 105 x 105 parameter-space matrix and no
+    256 x 256 row-space Gram, like ``solver="param"`` (the row-space ``"cholesky"`` is the
+    opposite). Traced only: nothing is compiled."""
+    from gaussnewton.param_space import choose_space
+    from gaussnewton_experiments.rl.qlearning import DEFAULT_CONFIGS
+
+    b = DEFAULT_CONFIGS["BDT1"].batch_size
+    assert (b, choose_space(105, b)) == (256, "param")
+    theta = jnp.zeros((105,), jnp.float32)
+    z = jnp.ones((b, 14), jnp.float32)
+    y = jnp.ones((b,), jnp.float32)
+
+    def shapes(solver):
+        opt = gn.egn(LQRLearner.model_fn, loss="squared_error", solver=solver)
+        text = str(jax.make_jaxpr(lambda t: opt.step(t, opt.init(t), z, y))(theta))
+        return "f32[105,105]" in text, "f32[256,256]" in text
+
+    assert shapes("auto") == shapes("param") == (True, False)
+    assert shapes("cholesky") == (False, True)

@@ -1,4 +1,4 @@
-"""The ``gaussnewton-experiments`` command: ``list`` and ``run EXPERIMENT``.
+"""The ``gaussnewton-experiments`` command: ``list``, ``run EXPERIMENT`` and ``results``.
 
 Bad arguments (a budget <= 0, bad seeds, an unwritable ``--out``, an unknown ``--option`` name)
 end with a one-line message and exit status 2, before anything runs; failed runs, or a tuning in
@@ -11,6 +11,8 @@ Examples::
     gaussnewton-experiments run diamonds --tune --seeds 3           # tune on validation, report on test
     gaussnewton-experiments run california_housing --set egn.damping=0.01 --set batch_size=64
     gaussnewton-experiments run digits --devices 2  # data-parallel over 2 (forced CPU) devices
+    gaussnewton-experiments results                 # run (resume) the results plan, regenerate docs
+    gaussnewton-experiments results --no-run        # regenerate docs/results*.md and the README
 """
 
 from __future__ import annotations
@@ -159,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-plot", action="store_true", help="skip the PNG")
     r.add_argument("--quiet", action="store_true", help="no progress bar, only the final table")
+    g = sub.add_parser(
+        "results",
+        help="run (resume) the results plan and regenerate the results pages and README lines",
+    )
+    g.add_argument(
+        "--records", default="results/pages", help="records root, one folder per section"
+    )
+    g.add_argument("--docs", default="docs", help="folder of results.md / results_rl.md")
+    g.add_argument("--readme", default="README.md", help="README with the results block")
+    g.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    g.add_argument("--only", help="comma-separated section names (default: all)")
+    g.add_argument("--no-run", action="store_true", help="render only, from existing records")
+    g.add_argument("--no-figures", action="store_true", help="no PNGs under DOCS/figures")
     return p
 
 
@@ -315,6 +330,33 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_results(args: argparse.Namespace) -> int:
+    from gaussnewton_experiments.results import SECTIONS, regenerate, run_sections, select
+
+    try:
+        sections = select(SECTIONS, [o for o in (args.only or "").split(",") if o])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = {}
+    if not args.no_run:
+        failed = {k: v for k, v in run_sections(sections, args.records).items() if v}
+    written = regenerate(
+        sections,
+        args.records,
+        args.docs,
+        readme=None if args.no_readme else args.readme,
+        figures=not args.no_figures,
+        all_sections=SECTIONS,
+    )
+    for path in written:
+        print(f"wrote {path}")
+    if failed:
+        print(f"failed sections (exit status): {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gaussnewton-experiments`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -339,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit_blas_threads()  # LAPACK threads would compete with XLA's (see _blas)
     if args.command == "list":
         return _cmd_list()
+    if args.command == "results":
+        return _cmd_results(args)
     return _cmd_run(args, argv)
 
 

@@ -48,7 +48,20 @@ def versions() -> dict[str, str]:
     except Exception:  # noqa: BLE001
         pass
     out["cpu_count"] = str(os.cpu_count())
+    out["cpu"] = cpu_model()
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _clean(value: Any) -> Any:

@@ -242,6 +242,7 @@ def plot_runs(
     title: str = "",
     x_label: str = "training step",
     higher_is_better: bool = False,
+    dpi: int = 110,
 ) -> Path:
     """PNG with three panels: metric vs training wall-clock, metric vs step, training loss vs step
     (mean +- std over seeds per optimizer). Dots on the metric-vs-step panel mark the evaluation
@@ -311,7 +312,7 @@ def plot_runs(
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi, metadata={"Software": None})
     plt.close(fig)
     return path
 
@@ -345,6 +346,7 @@ def write_report(result, spec, records, *, plots: bool = True) -> None:
                 "experiment": result.experiment,
                 "metric": spec.metric,
                 "winners": result.winners,
+                "test_keys": result.test_keys,  # the runs of this command (results pages)
                 "summary": summary,
                 "errors": result.errors,
             },

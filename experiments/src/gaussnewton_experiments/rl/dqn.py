@@ -1,4 +1,4 @@
-"""DQN on gymnax CartPole-v1 / Acrobot-v1 with the TD regression step taken by EGN (or Adam).
+"""DQN on gymnax CartPole-v1 / Acrobot-v1 / MinAtar Freeway with the TD step taken by EGN (or Adam).
 
 Deep Q-learning (Mnih et al.) with a replay buffer, a hard-updated target network and ε-greedy
 exploration over ``M`` vectorized environments, all inside one jitted ``lax.scan``. The TD
@@ -10,6 +10,12 @@ regression is the contract of :mod:`.common`: the model is the Q-value of the TA
 and one optimizer step on ``(1/b) Σ ½ (f_i − y_i)²`` is taken per ``train_every`` acting
 iterations (``gn.egn(model_fn, loss="squared_error", ...)`` or an optax wrapper). Truncation at
 the time limit is NOT terminal (the target bootstraps from the final observation).
+
+Q-networks: a ReLU MLP (``network="mlp"``, the classic-control tasks) or, for the MinAtar image
+observations (``H x W x C`` = 10 x 10 x 7 for Freeway), the small CNN of the MinAtar baselines that
+the EGN paper uses (``network="cnn"``): Conv 16 filters 3 x 3 (stride 1, no padding) → ReLU →
+Dense ``hidden[0]`` (64) → ReLU → Dense ``num_actions``. Observations are stored flat; the CNN
+reshapes them (square images: ``H = W``).
 
 gymnax (>= 1.0.1, whose ``step`` returns ``(obs, state, reward, terminated, truncated, info)``)
 is imported lazily: only this module needs it.
@@ -28,7 +34,18 @@ import numpy as np
 
 from gaussnewton_experiments.rl.common import info_scalars
 
-__all__ = ["DQNConfig", "DQNLearner", "DEFAULT_DQN_CONFIGS", "mlp_init", "q_all", "q_taken"]
+__all__ = [
+    "DQNConfig",
+    "DQNLearner",
+    "DEFAULT_DQN_CONFIGS",
+    "NETWORKS",
+    "mlp_init",
+    "cnn_init",
+    "q_all",
+    "q_taken",
+]
+
+NETWORKS = ("mlp", "cnn")
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,8 @@ class DQNConfig:
         target_every: regression steps between hard target-network copies.
         double_dqn: use ``Q_w̄(s')[argmax_a Q_w(s')[a]]`` in the target instead of the max.
         eval_episodes: greedy episodes (vectorized) per evaluation.
+        network: ``"mlp"`` or ``"cnn"`` (image observations; see the module docstring).
+        conv_channels: filters of the CNN's 3 x 3 convolution.
     """
 
     num_envs: int = 8
@@ -62,8 +81,19 @@ class DQNConfig:
     target_every: int = 100
     double_dqn: bool = False
     eval_episodes: int = 100
+    network: str = "mlp"
+    conv_channels: int = 16
 
     def __post_init__(self) -> None:
+        if self.network not in NETWORKS:
+            raise ValueError(
+                f"DQNConfig.network={self.network!r}: use 'mlp' (vector observations) or 'cnn' "
+                "(image observations such as MinAtar's)."
+            )
+        if self.network == "cnn" and len(self.hidden) != 1:
+            raise ValueError(
+                f"DQNConfig.hidden={self.hidden!r}: the CNN has ONE dense hidden layer, e.g. (64,)."
+            )
         for name in ("num_envs", "buffer_size", "batch_size", "train_every", "target_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DQNConfig.{name} must be >= 1, got {getattr(self, name)}.")
@@ -75,6 +105,16 @@ class DQNConfig:
 DEFAULT_DQN_CONFIGS = {
     "CartPole-v1": DQNConfig(),
     "Acrobot-v1": DQNConfig(eps_decay_steps=30000, target_every=200),
+    # episodes last 2 500 steps (the time limit): few greedy evaluation episodes
+    "Freeway-MinAtar": DQNConfig(
+        network="cnn",
+        hidden=(64,),
+        buffer_size=20000,
+        eps_decay_steps=10000,
+        learning_starts=1000,
+        target_every=250,
+        eval_episodes=8,
+    ),
 }
 
 
@@ -88,8 +128,52 @@ def mlp_init(key: jax.Array, sizes: tuple[int, ...], dtype=jnp.float32) -> dict:
     return params
 
 
+def cnn_init(
+    key: jax.Array,
+    obs_shape: tuple[int, int, int],
+    channels: int,
+    hidden: int,
+    num_actions: int,
+    dtype=jnp.float32,
+) -> dict:
+    """LeCun-normal weights of the CNN (conv 3 x 3 → dense ``hidden`` → ``num_actions``)."""
+    h, w, c = obs_shape
+    k1, k2, k3 = jax.random.split(key, 3)
+    flat = (h - 2) * (w - 2) * channels
+    return {
+        "conv_w": jax.random.normal(k1, (3, 3, c, channels), dtype) / float(np.sqrt(9 * c)),
+        "conv_b": jnp.zeros((channels,), dtype),
+        "w0": jax.random.normal(k2, (flat, hidden), dtype) / float(np.sqrt(flat)),
+        "b0": jnp.zeros((hidden,), dtype),
+        "w1": jax.random.normal(k3, (hidden, num_actions), dtype) / float(np.sqrt(hidden)),
+        "b1": jnp.zeros((num_actions,), dtype),
+    }
+
+
+def _q_cnn(params: dict, obs: jnp.ndarray) -> jnp.ndarray:
+    """``Q_w(s)`` of the CNN for flat observations ``(b, H·W·C)`` (square images)."""
+    kh, kw, c, ch = params["conv_w"].shape
+    n_pix = obs.shape[-1] // c
+    side = int(round(np.sqrt(n_pix)))
+    if side * side * c != obs.shape[-1] or (side - kh + 1) ** 2 * ch != params["w0"].shape[0]:
+        raise ValueError(
+            f"CNN Q-network: observations of size {obs.shape[-1]} are not square H x H x {c} "
+            f"images matching the dense layer ({params['w0'].shape[0]} inputs)."
+        )
+    x = obs.reshape(obs.shape[0], side, side, c).astype(params["conv_w"].dtype)
+    x = jax.lax.conv_general_dilated(
+        x, params["conv_w"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    x = jax.nn.relu(x + params["conv_b"]).reshape(obs.shape[0], -1)
+    x = jax.nn.relu(x @ params["w0"] + params["b0"])
+    return x @ params["w1"] + params["b1"]
+
+
 def q_all(params: dict, obs: jnp.ndarray) -> jnp.ndarray:
-    """All action values ``Q_w(s)`` of a ReLU MLP, ``(b, num_actions)``."""
+    """All action values ``Q_w(s)``, ``(b, num_actions)``: the CNN when ``params`` has a
+    ``"conv_w"`` entry (:func:`cnn_init`), else the ReLU MLP (:func:`mlp_init`)."""
+    if "conv_w" in params:
+        return _q_cnn(params, obs)
     n = len(params) // 2
     h = obs
     for i in range(n):
@@ -158,7 +242,13 @@ class DQNLearner:
         self.optimizer = optimizer
         self.config = config or DEFAULT_DQN_CONFIGS.get(env_name, DQNConfig())
         obs_shape = self.env.observation_space(self.env_params).shape
+        self.obs_shape = tuple(int(n) for n in obs_shape)
         self.obs_dim = int(np.prod(obs_shape))
+        if self.config.network == "cnn" and len(self.obs_shape) != 3:
+            raise ValueError(
+                f"DQNConfig.network='cnn' needs image observations (H, W, C); {env_name!r} has "
+                f"shape {self.obs_shape}: use network='mlp'."
+            )
         self.num_actions = int(self.env.action_space(self.env_params).n)
         self.max_steps = int(self.env_params.max_steps_in_episode)
         self._run_cache: dict[int, Any] = {}
@@ -259,7 +349,12 @@ class DQNLearner:
     def init(self, key: jax.Array) -> DQNState:
         cfg = self.config
         k_net, k_env, key = jax.random.split(key, 3)
-        params = mlp_init(k_net, (self.obs_dim, *cfg.hidden, self.num_actions))
+        if cfg.network == "cnn":
+            params = cnn_init(
+                k_net, self.obs_shape, cfg.conv_channels, cfg.hidden[0], self.num_actions
+            )
+        else:
+            params = mlp_init(k_net, (self.obs_dim, *cfg.hidden, self.num_actions))
         obs, env_state = self._reset(k_env, cfg.num_envs)
         z = jnp.zeros
         return DQNState(

@@ -2,7 +2,8 @@
 
 ``lqr_ac1`` / ``lqr_bdt1``: metric ``h_error_rel`` = ‖H* − H_t‖_F / ‖H* − H_0‖_F (lower is
 better, target 0.05). ``dqn_cartpole`` / ``dqn_acrobot``: metric ``return`` = mean greedy return
-over 100 evaluation episodes (higher is better). Experiment-specific settings go through
+over 100 evaluation episodes (higher is better). ``dqn_freeway``: MinAtar Freeway with the
+paper's small CNN Q-network (greedy return over 8 episodes of 2 500 steps). Experiment-specific settings go through
 ``RunConfig.options`` (fields of :class:`~.qlearning.QLConfig` / :class:`~.dqn.DQNConfig`).
 """
 
@@ -153,5 +154,19 @@ register_experiment(
         options={"env": "Acrobot-v1"},
         extra={"env": "Acrobot-v1", "eval_episodes": 100},
         **_DQN_COMMON,
+    ),
+)
+register_experiment(
+    "dqn_freeway",
+    ExperimentSpec(
+        run=run_dqn,
+        description="DQN on gymnax MinAtar Freeway (CNN Q-network; TD step by EGN or Adam): "
+        "greedy return",
+        target=10.0,
+        default_steps=100_000,
+        default_eval_every=10_000,
+        options={"env": "Freeway-MinAtar"},
+        extra={"env": "Freeway-MinAtar", "eval_episodes": 8, "network": "cnn"},
+        **{**_DQN_COMMON, "default_seeds": 2},
     ),
 )

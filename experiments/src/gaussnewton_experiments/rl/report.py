@@ -8,7 +8,9 @@ It reads ``<root>/<experiment>/summary.md`` (written by the runner) for ``lqr_ac
 ``lqr_ac1_adam_long`` (Adam with a 20x longer budget), ``lqr_bdt1``, ``dqn_cartpole`` and
 ``dqn_acrobot`` (missing ones are reported as not run), and
 adds the settings of :class:`~.qlearning.QLConfig` / :class:`~.dqn.DQNConfig` and the exact
-references ``‖H*‖_F``.
+references ``‖H*‖_F``. It wrote the earlier (2026-11-23) page; ``docs/results_rl.md`` is now
+regenerated block by block by ``gaussnewton-experiments results``, and this report refuses to
+overwrite a page that has such blocks.
 """
 
 from __future__ import annotations
@@ -177,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m gaussnewton_experiments.rl.report RESULTS_ROOT OUT.md")
         return 2
     root, out = Path(argv[0]), Path(argv[1])
+    if out.exists() and "<!-- results:begin" in out.read_text(encoding="utf-8"):
+        print(
+            f"{out} has generated blocks of `gaussnewton-experiments results` (make results), "
+            "which this whole-page report would overwrite; write to another file instead."
+        )
+        return 2
     out.write_text(build(root, out))
     print(f"wrote {out}")
     return 0
