@@ -42,6 +42,7 @@ default: the library's default, ``native``); it changes how XLA partitions the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -288,7 +289,7 @@ OPTIMIZERS = {
 }
 
 
-def measure(problem: Problem, mesh, n_devices: int) -> dict:
+def measure(problem: Problem, mesh, n_devices: int, mesh_context=None) -> dict:
     key = jax.random.PRNGKey(0)
     kp, kx, ky = jax.random.split(key, 3)
     params = init_mlp(kp, problem.sizes)
@@ -314,7 +315,8 @@ def measure(problem: Problem, mesh, n_devices: int) -> dict:
             r = kw["num_samples"] if kw.get("curvature") == "sampled" else c - 1
             gram = (b * r) ** 2
         state = jax.device_put(state, repl)
-        hlo = jax.jit(step).lower(params, state, x, y).compile().as_text()
+        with contextlib.nullcontext() if mesh_context is None else jax.set_mesh(mesh_context):
+            hlo = jax.jit(step).lower(params, state, x, y).compile().as_text()
         rows[name] = summarize(parse_collectives(hlo, n_devices), gram)
         rows[name]["compile_s"] = time.perf_counter() - t0
         print(f"  compiled {name} in {rows[name]['compile_s']:.1f} s", flush=True)
@@ -400,13 +402,28 @@ def main() -> None:
     ap.add_argument("--only", help="only the problems whose name contains this")
     ap.add_argument("--linalg", choices=linalg.BACKENDS, help="dense-solve backend of the library")
     ap.add_argument("--out", help="write the measurements as JSON to this file")
+    ap.add_argument(
+        "--axis-type",
+        choices=("explicit", "auto"),
+        default="explicit",
+        help="mesh axis type (default explicit, jax.make_mesh's default)",
+    )
+    ap.add_argument(
+        "--no-mesh-context",
+        action="store_true",
+        help="compile without jax.set_mesh (Auto axes only): XLA's partitioner alone decides",
+    )
     args = ap.parse_args()
     if args.linalg:
         linalg.set_backend(args.linalg)
     n = jax.device_count()
     if n != args.devices:
         raise SystemExit(f"--devices {args.devices} but jax has {n} devices (set before jax?)")
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
+    axis_type = AxisType.Explicit if args.axis_type == "explicit" else AxisType.Auto
+    if args.no_mesh_context and axis_type == AxisType.Explicit:
+        ap.error("--no-mesh-context needs --axis-type auto (Explicit axes need the mesh)")
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(axis_type,))
+    mesh_context = None if args.no_mesh_context else mesh
     print(
         f"jax {jax.__version__}, {n} {jax.devices()[0].platform} devices, "
         f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
@@ -415,7 +432,7 @@ def main() -> None:
     results = []
     for prob in problems(args.quick, args.only):
         print(f"{prob.name}:", flush=True)
-        results.append(measure(prob, mesh, n))
+        results.append(measure(prob, mesh, n, mesh_context))
     lines = []
     for res in results:
         lines += print_measured(res, n) + [""]

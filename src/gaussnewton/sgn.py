@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gaussnewton._family import assemble, check_common, check_int
+from gaussnewton._family import assemble, check_axis_name, check_common, check_int
+from gaussnewton._sharding import NO_AXIS, BatchAxis
 from gaussnewton._tree import tree_axpy, tree_vdot
 from gaussnewton.cg import cg_solve
 from gaussnewton.damping import AdaptiveDamping
@@ -59,9 +60,10 @@ __all__ = ["sgn", "RHO_AT"]
 RHO_AT = ("accepted_step", "full_step")
 
 
-def _ggn_operator(fn, params, x, y, loss):
-    """(linearization, ∇L, v ↦ H v, Q) from one ``jax.linearize`` of the batch outputs."""
-    lin = linearize(fn, loss, params, x, y, mode="linearize")
+def _ggn_operator(fn, params, x, y, loss, axis: BatchAxis = NO_AXIS):
+    """(linearization, ∇L, v ↦ H v, Q) from one ``jax.linearize`` of the batch outputs (inside
+    ``shard_map``: this device's examples, ``Jᵀ`` summed over the devices of ``axis``)."""
+    lin = linearize(fn, loss, params, x, y, mode="linearize", axis=axis)
     b = lin.batch_size
     grad = lin.vjp(lin.g / b)
     unit = loss.identity_scale(lin.outputs, lin.labels) == 1.0  # Q = I (unweighted)
@@ -90,6 +92,7 @@ def sgn(
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
     rho_at: str = "accepted_step",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> GaussNewtonOptimizer:
     r"""SGN: truncated CG on ``(H + λI)Δ = −∇L`` in parameter space (see the module docstring).
 
@@ -104,6 +107,9 @@ def sgn(
             trials), ``"armijo"`` or ``None``.
         damping_policy: the authors' trust-region rule by default; ``"constant"`` or a schedule.
         momentum, tx: as in :func:`gaussnewton.egn`.
+        axis_name: the batch axis inside a user's ``jax.shard_map``, as in :func:`gaussnewton.egn`
+            (``J v`` stays on each device, ``Jᵀ u`` and the CG inner products over ``D``-vectors
+            are global after one ``psum``).
         rho_at: where the trust-region ratio ``ρ`` that adapts ``λ`` is measured.
             ``"accepted_step"`` (default): at the step the line search accepted, ``α d``, with
             the model ``m(α d)``. ``"full_step"``: at the full step ``α_max d`` BEFORE any
@@ -132,10 +138,11 @@ def sgn(
     if not cg_tol >= 0:
         raise ValueError(f"cg_tol={cg_tol!r} must be >= 0, e.g. 1e-6.")
     plain = not momentum and tx is None
+    axis = BatchAxis(check_axis_name(axis_name))
 
     def direction_fn(fn, params, x, y, lam, key, method_state):
         del key
-        lin, grad, ggn_mv, q = _ggn_operator(fn, params, x, y, loss_obj)
+        lin, grad, ggn_mv, q = _ggn_operator(fn, params, x, y, loss_obj, axis)
         lam_p = lam.astype(jax.tree_util.tree_leaves(params)[0].dtype)
         rhs = jax.tree_util.tree_map(jnp.negative, grad)
         res = cg_solve(
@@ -151,8 +158,9 @@ def sgn(
                 return s * s * curv
             jd = lin.jvp(delta)
             qjd = jd if q is None else jnp.einsum("bcd,bd->bc", q, jd)
-            b = jd.shape[0]
-            return 0.5 * (jnp.sum(jd * qjd) / b + lam * tree_vdot(delta, delta))
+            return 0.5 * (
+                axis.sum(jnp.sum(jd * qjd)) / lin.batch_size + lam * tree_vdot(delta, delta)
+            )
 
         return Linearization(
             lin.loss,
@@ -177,4 +185,4 @@ def sgn(
         momentum=momentum,
         tx=tx,
     )
-    return dataclasses.replace(opt, rho_at=rho_at)
+    return dataclasses.replace(opt, rho_at=rho_at, axis_name=axis_name)
