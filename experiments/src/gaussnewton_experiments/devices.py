@@ -143,6 +143,13 @@ def use_devices(n: int) -> Iterator[DataParallel]:
     dp = DataParallel(None if n == 1 else data_mesh(n))
     _CURRENT.append(dp)
     try:
-        yield dp
+        if dp.mesh is None:
+            yield dp
+        else:
+            import jax
+
+            # the mesh in context: the library gathers per-example factors, never the Gram
+            with jax.set_mesh(dp.mesh):
+                yield dp
     finally:
         _CURRENT.pop()
