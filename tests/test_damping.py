@@ -72,3 +72,38 @@ def test_rho_rule_is_followed_on_a_nonlinear_problem(regression_problem):
             info.next_damping, min(max(lam * factor, pol.min), pol.max), rtol=1e-6
         )
     assert 2 / 3 in seen
+
+
+def test_on_rejected_jumps_by_reject_increase():
+    pol = gn.AdaptiveDamping(min=1e-3, max=10.0)
+    assert pol.reject_increase == 10.0
+    np.testing.assert_allclose(pol.on_rejected(jnp.float64(1e-2)), 0.1)
+    np.testing.assert_allclose(pol.on_rejected(jnp.float64(5.0)), 10.0)  # clamped to max
+    np.testing.assert_allclose(
+        gn.AdaptiveDamping(reject_increase=1.5).on_rejected(jnp.float64(1.0)), 1.5
+    )
+    with pytest.raises(ValueError, match="reject_increase"):
+        gn.AdaptiveDamping(reject_increase=0.5)
+
+
+def _rejections_before_first_accepted(policy):
+    """f(w, x) = x log w from w = 1 towards y = −10 x: the GN step is d = −10/(1 + λ), so every step
+    with λ < 9 lands at w ≤ 0 (a non-finite loss) and is rejected; λ₀ = 1e-3."""
+    model = lambda p, x: x[:, 0] * jnp.log(p["w"])  # noqa: E731
+    x = jnp.ones((4, 1))
+    opt = gn.egn(model, loss="squared_error", damping=1e-3, damping_policy=policy, line_search=None)
+    params, state = {"w": jnp.float64(1.0)}, opt.init({"w": jnp.float64(1.0)})
+    step = jax.jit(opt.step)
+    for n in range(40):
+        params, state, info = step(params, state, x, -10.0 * x[:, 0])
+        if not bool(info.rejected):
+            assert np.isfinite(float(info.loss_after))
+            return n
+    raise AssertionError("no step accepted in 40")
+
+
+def test_rejected_steps_raise_lambda_fast_enough():
+    """λ must grow from 1e-3 to 9: log(9e3)/log(10) → 4 rejected steps with the default jump,
+    log(9e3)/log(1.5) → 23 with the gain-ratio factor 1.5 (the former rule)."""
+    assert _rejections_before_first_accepted(gn.AdaptiveDamping()) == 4
+    assert _rejections_before_first_accepted(gn.AdaptiveDamping(reject_increase=1.5)) == 23

@@ -10,6 +10,11 @@ clamped to ``[min, max]``. A non-finite or non-negative predicted decrease count
 (``ρ < lower``). Defaults ``increase = 3/2``, ``decrease = 2/3`` (Martens; Nocedal-Wright); the EGN
 authors' code used ``1.01 / 0.99``.
 
+A REJECTED step (non-finite loss, direction or trial loss; parameters unchanged) multiplies λ by
+``reject_increase = 10`` (clamped): the step that follows is on the same kind of batch with the
+same λ-dependence, and a factor 1.5 needed 23 rejected steps to grow λ from 1e-3 to 9 where a
+factor 10 needs 4 (tests/test_damping.py; docs/METHODS.md §2.2).
+
 Example:
     >>> import gaussnewton as gn
     >>> policy = gn.AdaptiveDamping(increase=1.5, decrease=2 / 3, min=1e-6, max=1e4)
@@ -49,7 +54,12 @@ def gain_ratio(actual: jax.Array, predicted: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveDamping:
-    """Gain-ratio (trust-region style) λ update; see the module docstring."""
+    """Gain-ratio (trust-region style) λ update; see the module docstring.
+
+    Fields: ``increase`` (``ρ < lower``, > 1), ``decrease`` (``ρ > upper``, in (0, 1)), the clamp
+    ``[min, max]``, the thresholds ``lower <= upper``, and ``reject_increase`` (>= 1): the factor
+    after a rejected step.
+    """
 
     increase: float = 1.5
     decrease: float = 2.0 / 3.0
@@ -57,6 +67,7 @@ class AdaptiveDamping:
     max: float = 1e8
     lower: float = 0.25
     upper: float = 0.75
+    reject_increase: float = 10.0
     uses_gain_ratio: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -70,6 +81,10 @@ class AdaptiveDamping:
             raise ValueError(
                 f"AdaptiveDamping(min={self.min!r}, max={self.max!r}): need 0 <= min <= max."
             )
+        if not self.reject_increase >= 1.0:
+            raise ValueError(
+                f"AdaptiveDamping(reject_increase={self.reject_increase!r}): must be >= 1, e.g. 10."
+            )
         if not self.lower <= self.upper:
             raise ValueError(
                 f"AdaptiveDamping(lower={self.lower!r}, upper={self.upper!r}): need lower <= upper."
@@ -82,8 +97,8 @@ class AdaptiveDamping:
         return jnp.clip(lam * factor, self.min, self.max).astype(lam.dtype)
 
     def on_rejected(self, lam: jax.Array) -> jax.Array:
-        """λ after a rejected (non-finite) step: treated as a failure."""
-        return jnp.clip(lam * self.increase, self.min, self.max).astype(lam.dtype)
+        """λ after a rejected (non-finite) step: ``clip(λ · reject_increase, min, max)``."""
+        return jnp.clip(lam * self.reject_increase, self.min, self.max).astype(lam.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
