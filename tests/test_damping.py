@@ -107,3 +107,17 @@ def test_rejected_steps_raise_lambda_fast_enough():
     log(9e3)/log(1.5) → 23 with the gain-ratio factor 1.5 (the former rule)."""
     assert _rejections_before_first_accepted(gn.AdaptiveDamping()) == 4
     assert _rejections_before_first_accepted(gn.AdaptiveDamping(reject_increase=1.5)) == 23
+
+
+def test_dtype_floor():
+    """λ >= max(min, eps_floor · ε(λ's dtype)): 1.2e-4 in float32, ``min`` (1e-8) in float64."""
+    pol = gn.AdaptiveDamping()
+    np.testing.assert_allclose(pol.floor(jnp.float32), 1000 * 2.0**-23)
+    assert pol.floor(jnp.float64) == 1e-8
+    lam32 = pol.update(jnp.float32(1e-4), jnp.float32(1.0))  # λ · 2/3 would be 6.7e-5
+    assert lam32.dtype == jnp.float32
+    np.testing.assert_allclose(lam32, 1000 * 2.0**-23, rtol=1e-6)
+    np.testing.assert_allclose(pol.update(jnp.float64(1e-4), jnp.float64(1.0)), 1e-4 * 2 / 3)
+    assert gn.AdaptiveDamping(eps_floor=0.0).floor(jnp.float32) == 1e-8
+    with pytest.raises(ValueError, match="eps_floor"):
+        gn.AdaptiveDamping(eps_floor=-1.0)
