@@ -28,7 +28,7 @@ def _init(key, sizes):
     keys = jax.random.split(key, len(sizes) - 1)
     return [
         {
-            "w": jax.random.normal(k, (m, n), jnp.float32) / np.sqrt(m),
+            "w": jax.random.normal(k, (m, n), jnp.float32) / m**0.5,
             "b": jnp.zeros(n, jnp.float32),
         }
         for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
@@ -71,6 +71,7 @@ def _run(task, sizes, steps, b=64, n=1024):
         return jax.lax.scan(body, (params, opt.init(params)), idx)[1]
 
     rejected, lam, losses = (np.asarray(a) for a in go(params))
+    assert lam.dtype == losses.dtype == np.float32  # (the tests run with jax_enable_x64)
     return rejected, lam, losses.astype(np.float64)
 
 
