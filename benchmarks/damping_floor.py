@@ -118,6 +118,7 @@ def run(problem, policy, steps, batch, seed=0, b=64, dtype=jnp.float32):
 
 
 SETTINGS = {
+    "library default": {},
     "old (min 1e-8, reject x1.5)": dict(min=1e-8, reject_increase=1.5),
     "min 1e-8, reject x10": dict(min=1e-8, reject_increase=10.0),
     "min 1e-6, reject x1.5": dict(min=1e-6, reject_increase=1.5),
@@ -147,8 +148,9 @@ def main(argv=None):
             if args.only and not any(s in name for s in args.only.split("|")):
                 continue
             fields = {f.name for f in dataclasses.fields(gn.AdaptiveDamping)}
-            if "reject_increase" not in fields:
-                kw = {k: v for k, v in kw.items() if k != "reject_increase"}
+            if kw and "eps_floor" in fields:
+                kw = {"eps_floor": 0.0, **kw}  # the λ_min of the row, not the dtype floor
+            kw = {k: v for k, v in kw.items() if k in fields}
             row = run(problem, gn.AdaptiveDamping(**kw), args.steps, args.batch, dtype=dtype)
             row["setting"] = name
             rows.append(row)
