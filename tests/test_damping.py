@@ -72,3 +72,52 @@ def test_rho_rule_is_followed_on_a_nonlinear_problem(regression_problem):
             info.next_damping, min(max(lam * factor, pol.min), pol.max), rtol=1e-6
         )
     assert 2 / 3 in seen
+
+
+def test_on_rejected_jumps_by_reject_increase():
+    pol = gn.AdaptiveDamping(min=1e-3, max=10.0)
+    assert pol.reject_increase == 10.0
+    np.testing.assert_allclose(pol.on_rejected(jnp.float64(1e-2)), 0.1)
+    np.testing.assert_allclose(pol.on_rejected(jnp.float64(5.0)), 10.0)  # clamped to max
+    np.testing.assert_allclose(
+        gn.AdaptiveDamping(reject_increase=1.5).on_rejected(jnp.float64(1.0)), 1.5
+    )
+    with pytest.raises(ValueError, match="reject_increase"):
+        gn.AdaptiveDamping(reject_increase=0.5)
+
+
+def _rejections_before_first_accepted(policy):
+    """f(w, x) = x log w from w = 1 towards y = −10 x: the GN step is d = −10/(1 + λ), so every step
+    with λ < 9 lands at w ≤ 0 (a non-finite loss) and is rejected; λ₀ = 1e-3."""
+    model = lambda p, x: x[:, 0] * jnp.log(p["w"])  # noqa: E731
+    x = jnp.ones((4, 1))
+    opt = gn.egn(model, loss="squared_error", damping=1e-3, damping_policy=policy, line_search=None)
+    params, state = {"w": jnp.float64(1.0)}, opt.init({"w": jnp.float64(1.0)})
+    step = jax.jit(opt.step)
+    for n in range(40):
+        params, state, info = step(params, state, x, -10.0 * x[:, 0])
+        if not bool(info.rejected):
+            assert np.isfinite(float(info.loss_after))
+            return n
+    raise AssertionError("no step accepted in 40")
+
+
+def test_rejected_steps_raise_lambda_fast_enough():
+    """λ must grow from 1e-3 to 9: log(9e3)/log(10) → 4 rejected steps with the default jump,
+    log(9e3)/log(1.5) → 23 with the gain-ratio factor 1.5 (the former rule)."""
+    assert _rejections_before_first_accepted(gn.AdaptiveDamping()) == 4
+    assert _rejections_before_first_accepted(gn.AdaptiveDamping(reject_increase=1.5)) == 23
+
+
+def test_dtype_floor():
+    """λ >= max(min, eps_floor · ε(λ's dtype)): 1.2e-4 in float32, ``min`` (1e-8) in float64."""
+    pol = gn.AdaptiveDamping()
+    np.testing.assert_allclose(pol.floor(jnp.float32), 1000 * 2.0**-23)
+    assert pol.floor(jnp.float64) == 1e-8
+    lam32 = pol.update(jnp.float32(1e-4), jnp.float32(1.0))  # λ · 2/3 would be 6.7e-5
+    assert lam32.dtype == jnp.float32
+    np.testing.assert_allclose(lam32, 1000 * 2.0**-23, rtol=1e-6)
+    np.testing.assert_allclose(pol.update(jnp.float64(1e-4), jnp.float64(1.0)), 1e-4 * 2 / 3)
+    assert gn.AdaptiveDamping(eps_floor=0.0).floor(jnp.float32) == 1e-8
+    with pytest.raises(ValueError, match="eps_floor"):
+        gn.AdaptiveDamping(eps_floor=-1.0)

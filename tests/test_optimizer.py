@@ -119,8 +119,8 @@ def test_nonfinite_batch_leaves_params_and_state_unchanged(regression_problem):
     ):
         np.testing.assert_array_equal(a, b)
     assert float(new_state.damping) == pytest.approx(
-        1.5 * float(state.damping)
-    )  # λ grows (adaptive)
+        10.0 * float(state.damping)
+    )  # λ grows (adaptive: AdaptiveDamping.reject_increase = 10)
     bad_y = y.at[0].set(jnp.inf)
     _, _, info = step(params, state, x, bad_y)
     assert bool(info.rejected)

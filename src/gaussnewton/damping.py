@@ -6,9 +6,19 @@ Adaptive (Levenberg-Marquardt gain ratio) on the same batch, with ``Δ`` the app
           λ ← \begin{cases} λ · \text{increase} & ρ < \text{lower} \\
                              λ · \text{decrease} & ρ > \text{upper} \\ λ & \text{otherwise}\end{cases}
 
-clamped to ``[min, max]``. A non-finite or non-negative predicted decrease counts as a failure
+clamped to ``[max(min, eps_floor · ε), max]`` with ``ε`` the machine epsilon of λ's dtype (the
+dtype of the parameters): the default ``eps_floor = 1000`` is a floor of 1.2e-4 in float32 and
+2.2e-13 (below ``min = 1e-8``, so no change) in float64. A non-finite or non-negative predicted decrease counts as a failure
 (``ρ < lower``). Defaults ``increase = 3/2``, ``decrease = 2/3`` (Martens; Nocedal-Wright); the EGN
 authors' code used ``1.01 / 0.99``.
+
+A REJECTED step (non-finite loss, direction or trial loss; parameters unchanged) multiplies λ by
+``reject_increase = 10`` (clamped): the step that follows is on the same kind of batch with the
+same λ-dependence, and a factor 1.5 needed 23 rejected steps to grow λ from 1e-3 to 9 where a
+factor 10 needs 4 (tests/test_damping.py). The float32 floor: with λ at 1e-8 a 3000-step
+float32 run (MLP 8-32-32-1, b = 64) ended with its mini-batch loss 1.9x above its minimum and
+0.6 % rejected steps; with 1e-4, 1.4x and none (docs/METHODS.md §2.2,
+``benchmarks/damping_floor.py``).
 
 Example:
     >>> import gaussnewton as gn
@@ -49,7 +59,12 @@ def gain_ratio(actual: jax.Array, predicted: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveDamping:
-    """Gain-ratio (trust-region style) λ update; see the module docstring."""
+    """Gain-ratio (trust-region style) λ update; see the module docstring.
+
+    Fields: ``increase`` (``ρ < lower``, > 1), ``decrease`` (``ρ > upper``, in (0, 1)), the clamp
+    ``[min, max]`` raised to ``eps_floor · ε`` (``ε`` of λ's dtype, ``eps_floor >= 0``), the
+    thresholds ``lower <= upper``, and ``reject_increase`` (>= 1): the factor after a rejected step.
+    """
 
     increase: float = 1.5
     decrease: float = 2.0 / 3.0
@@ -57,6 +72,8 @@ class AdaptiveDamping:
     max: float = 1e8
     lower: float = 0.25
     upper: float = 0.75
+    reject_increase: float = 10.0
+    eps_floor: float = 1000.0
     uses_gain_ratio: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -70,6 +87,15 @@ class AdaptiveDamping:
             raise ValueError(
                 f"AdaptiveDamping(min={self.min!r}, max={self.max!r}): need 0 <= min <= max."
             )
+        if not self.reject_increase >= 1.0:
+            raise ValueError(
+                f"AdaptiveDamping(reject_increase={self.reject_increase!r}): must be >= 1, e.g. 10."
+            )
+        if not self.eps_floor >= 0.0:
+            raise ValueError(
+                f"AdaptiveDamping(eps_floor={self.eps_floor!r}): must be >= 0, e.g. 1000 (0: no "
+                "dtype floor)."
+            )
         if not self.lower <= self.upper:
             raise ValueError(
                 f"AdaptiveDamping(lower={self.lower!r}, upper={self.upper!r}): need lower <= upper."
@@ -79,11 +105,19 @@ class AdaptiveDamping:
         """The next λ from the gain ratio ``rho`` (``−inf``/NaN count as failures)."""
         fail = jnp.logical_not(rho >= self.lower)
         factor = jnp.where(fail, self.increase, jnp.where(rho > self.upper, self.decrease, 1.0))
-        return jnp.clip(lam * factor, self.min, self.max).astype(lam.dtype)
+        return self._clamp(lam * factor)
 
     def on_rejected(self, lam: jax.Array) -> jax.Array:
-        """λ after a rejected (non-finite) step: treated as a failure."""
-        return jnp.clip(lam * self.increase, self.min, self.max).astype(lam.dtype)
+        """λ after a rejected (non-finite) step: ``λ · reject_increase``, clamped."""
+        return self._clamp(lam * self.reject_increase)
+
+    def floor(self, dtype) -> float:
+        """The smallest λ in ``dtype``: ``max(min, eps_floor · ε)``, e.g. 1.2e-4 in float32."""
+        return max(self.min, self.eps_floor * float(jnp.finfo(dtype).eps))
+
+    def _clamp(self, lam: jax.Array) -> jax.Array:
+        lo = self.floor(lam.dtype)
+        return jnp.clip(lam, lo, max(self.max, lo)).astype(lam.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,6 +103,20 @@ class SquaredError(Loss):
         return eps / jnp.sqrt(jnp.asarray(num_samples, f.dtype))
 
 
+def _softmax_pivot(f):
+    """``p``, ``√p``, the pivot ``e_k`` (bool, ``k = argmax p`` per token), ``√p_k`` (kept axis)
+    and the ``c − 1`` kept classes ``j ≠ k`` in order (int, ``(..., c − 1)``) of the softmax factor."""
+    c = f.shape[-1]
+    p = jax.nn.softmax(f, axis=-1)
+    sp = jnp.sqrt(p)
+    k = jnp.argmax(f, axis=-1)[..., None]
+    ek = jnp.arange(c) == k
+    spk = jnp.take_along_axis(sp, k, axis=-1)
+    m = jnp.arange(c - 1)
+    keep = m + (m >= k)
+    return p, sp, ek, spk, keep
+
+
 @dataclasses.dataclass(frozen=True)
 class SoftmaxCrossEntropy(Loss):
     r"""``l(f, y) = logsumexp(f) − ⟨y, f⟩`` per token, for integer labels (``(b, *tok)``, in ``[0, c)``) or one-hot / probability rows (``(b, *tok, c)``, entries ``≥ 0`` summing to 1 within :func:`row_tolerance`).
@@ -112,10 +126,16 @@ class SoftmaxCrossEntropy(Loss):
 
     * ``S₀ = diag(√p) − p √pᵀ`` is a square factor (``S₀ S₀ᵀ = diag(p) − 2ppᵀ + p(√p·√p)pᵀ = Q``
       because ``Σ p = 1``) with ``S₀ √p = 0``;
-    * the Householder reflection ``H = I − v vᵀ/(1 + √p_c)``, ``v = √p + e_c``, maps ``√p`` to
-      ``−e_c`` (``‖v‖² = 2(1 + √p_c) ≥ 2``: no cancellation), so ``H e_c = −√p`` and
-      ``S = (S₀ H)[:, :c−1]`` has ``S Sᵀ = S₀ (I − √p √pᵀ) S₀ᵀ = Q``. With ``S₀ v = S₀ e_c``:
-      ``S[:, j] = √p_j (e_j − p − √p_c (e_c − p)/(1 + √p_c))``.
+    * the Householder reflection ``H = I − v vᵀ/(1 + √p_k)``, ``v = √p + e_k``, maps ``√p`` to
+      ``−e_k`` (``‖v‖² = 2(1 + √p_k) ≥ 2``: no cancellation), so ``H e_k = −√p`` and ``S``, the
+      columns ``j ≠ k`` of ``S₀ H``, has ``S Sᵀ = S₀ (I − √p √pᵀ) S₀ᵀ = Q``. With
+      ``S₀ v = S₀ e_k``: ``S[:, j] = √p_j (e_j − p − √p_k (e_k − p)/(1 + √p_k))``, ``j ≠ k``.
+    * the pivot ``k`` is the most probable class of each token (``p_k ≥ 1/c``). In floating point
+      this matters: the dropped column is the one with the cancellation ``1 − p_k`` (a saturated
+      token has ``p_k ≈ 1``), ``1 − p_k`` itself is formed as ``Σ_{i≠k} p_i``, and the range
+      coefficients ``t`` of ``S t = g`` stay of the size of ``a = −y/√p`` (a fixed pivot ``c``
+      with ``p_c ≈ 0`` gives ``t_j = √p_j/√p_c`` when ``y = e_c``, and ``S t`` then cancels
+      terms ``1/√p_c`` times larger than ``g``: float32 directions off by 1e-2 … 0.5).
 
     For ``c = 1`` (a degenerate softmax, ``Q = 0``) the factor is the ``1 × 1`` zero. Under jit an
     out-of-range class index gives a NaN label row (NaN loss for that example), never a clamped
@@ -178,28 +198,28 @@ class SoftmaxCrossEntropy(Loss):
         c = f.shape[-1]
         if c == 1:
             return jnp.zeros(f.shape + (1,), f.dtype)
-        p = jax.nn.softmax(f, axis=-1)
-        sp = jnp.sqrt(p)
-        e = jnp.eye(c, dtype=f.dtype)
-        last = (e[-1] - p) * (sp[..., -1:] / (1 + sp[..., -1:]))  # √p_c (e_c − p)/(1 + √p_c)
-        cols = e[:, : c - 1] - (p + last)[..., :, None]  # (..., c, c−1): e_j − p − last
-        return cols * sp[..., None, : c - 1]
+        p, sp, ek, spk, keep = _softmax_pivot(f)
+        # e_k − p with its k-th entry 1 − p_k = Σ_{i≠k} p_i (no cancellation when p_k ≈ 1)
+        ek_p = jnp.where(ek, jnp.sum(jnp.where(ek, 0, p), axis=-1, keepdims=True), -p)
+        last = ek_p * (spk / (1 + spk))  # √p_k (e_k − p)/(1 + √p_k)
+        cols = jnp.eye(c, dtype=f.dtype) - (p + last)[..., :, None]  # (..., c, c): e_j − p − last
+        cols = cols * sp[..., None, :]
+        return jnp.take_along_axis(cols, keep[..., None, :], axis=-1)  # columns j ≠ k
 
     def token_range_coefficients(self, f, y):
-        # With Σy = 1, a = −y/√p solves S₀ a = √p⊙a − p(√p·a) = p − y = g, and since S₀H = [S, 0]
-        # and H² = I, t = (H a)[:c−1] solves S t = g. Tokens whose label has p ≤ tiny (underflow)
-        # are not in the floating-point range: they go to the Woodbury part.
+        # With Σy = 1, a = −y/√p solves S₀ a = √p⊙a − p(√p·a) = p − y = g, and since S₀H has
+        # the zero column k and H² = I, t = (H a) without entry k solves S t = g. Tokens whose
+        # label has p ≤ tiny (underflow) are not in the floating-point range: Woodbury part.
         c = f.shape[-1]
         if c == 1:
             return jnp.zeros(f.shape, f.dtype), jnp.ones(f.shape[:-1], bool)
-        p = jax.nn.softmax(f, axis=-1)
-        sp = jnp.sqrt(p)
+        p, sp, ek, spk, keep = _softmax_pivot(f)
         tiny = jnp.finfo(p.dtype).tiny
         ok = jnp.all((y == 0) | (p > tiny), axis=-1)
         a = jnp.where(y == 0, 0.0, -y / jnp.where(p > tiny, sp, 1.0))
-        v = sp + jnp.eye(c, dtype=f.dtype)[-1]
-        ha = a - v * (jnp.sum(v * a, axis=-1, keepdims=True) / (1 + sp[..., -1:]))
-        return ha[..., : c - 1], ok
+        v = sp + ek
+        ha = a - v * (jnp.sum(v * a, axis=-1, keepdims=True) / (1 + spk))
+        return jnp.take_along_axis(ha, keep, axis=-1), ok
 
     def token_sample_factor(self, f, y, key, num_samples):
         # ŷ ~ Categorical(p) per token: S = [p − e_ŷ1, ..., p − e_ŷm]/√m, E[(p − e)(p − e)ᵀ] = Q.
