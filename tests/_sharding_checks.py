@@ -84,9 +84,13 @@ CONFIGS = {  # name: (constructor(model, loss, axis_name), modes, losses)
     ),
     "ggn": (lambda m, l, a: gram_gauss_newton(m, damping=0.1, axis_name=a), "M", "se"),
     "sgn": (lambda m, l, a: sgn(m, loss=l, axis_name=a), "EM", "ce"),
-    "dual_gn": (lambda m, l, a: dual_gn(m, loss=l, damping=1e-2, max_inner_iters=3), "E", "ce"),
-    "ignd": (lambda m, l, a: ignd(m, loss=l, learning_rate=0.5), "E", "bce"),
-    "sqn": (lambda m, l, a: sqn(m, loss=l, history=3), "E", "se"),
+    "dual_gn": (
+        lambda m, l, a: dual_gn(m, loss=l, damping=1e-2, max_inner_iters=3, axis_name=a),
+        "EM",
+        "ce",
+    ),
+    "ignd": (lambda m, l, a: ignd(m, loss=l, learning_rate=0.5, axis_name=a), "EM", "bce"),
+    "sqn": (lambda m, l, a: sqn(m, loss=l, history=3, axis_name=a), "EM", "se"),
 }
 MODES = {"E": "explicit", "A": "auto", "M": "shard_map", "N": "shard_map_novma", "F": "fsdp"}
 

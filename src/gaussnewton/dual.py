@@ -68,11 +68,11 @@ import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 from jax.scipy.special import xlogy
 
-from gaussnewton._family import assemble, check_common, check_int
-from gaussnewton._sharding import like_batch, replicate
+from gaussnewton._family import assemble, check_axis_name, check_common, check_int
+from gaussnewton._sharding import NO_AXIS, BatchAxis, like_batch, replicate
 from gaussnewton._tree import compute_dtype, tree_vdot
 from gaussnewton.damping import AdaptiveDamping
-from gaussnewton.gram import as_2d, strategy_name
+from gaussnewton.gram import as_2d, gram_factors, strategy_name
 from gaussnewton.gram import gram as compute_gram
 from gaussnewton.linalg import solve_damped_spd
 from gaussnewton.linearization import linearize
@@ -236,18 +236,22 @@ def dual_solve(loss: Loss, f, y, k, lam, max_inner_iters: int) -> DualSolve:
     return _simplex_dual(f, y, k, mu, max_inner_iters)
 
 
-def _solve_batch(fn, loss, params, x, y, lam, gram, max_inner_iters):
-    lin = linearize(fn, loss, params, x, y)
+def _solve_batch(fn, loss, params, x, y, lam, gram, max_inner_iters, axis: BatchAxis = NO_AXIS):
+    lin = linearize(fn, loss, params, x, y, axis=axis)
     if isinstance(lin.labels, WeightedLabels):
         raise ValueError(
             "dual_gn solves the dual of the per-example loss and takes no WeightedLabels; use "
             "gn.egn (weighted and per-token losses) or unweighted labels."
         )
-    k = compute_gram(as_2d(fn), params, x, strategy=gram)
-    # on a mesh: the dual is solved replicated (K is), its solution sharded back like the batch
-    f, labels = replicate((lin.outputs, lin.labels))
+    if axis.sharded:  # inside shard_map: K of the whole batch from the gathered factors
+        factors, block = gram_factors(as_2d(fn), axis.varying(params), x, strategy=gram)
+        k = block(axis.gather(factors))
+    else:
+        k = compute_gram(as_2d(fn), params, x, strategy=gram)
+    # on many devices: the dual is solved replicated (K is), each device keeps its rows of α
+    f, labels = replicate(axis.gather((lin.outputs, lin.labels)))
     res = dual_solve(loss, f, labels, k, lam, max_inner_iters)
-    return lin, res._replace(alpha=like_batch(res.alpha, lin.outputs))
+    return lin, res._replace(alpha=like_batch(axis.local(res.alpha), lin.outputs))
 
 
 def dual_gn(
@@ -262,6 +266,7 @@ def dual_gn(
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
     gram: str | Callable = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> GaussNewtonOptimizer:
     r"""Dual Gauss-Newton: the prox-linear direction ``v*`` through its dual (module docstring).
 
@@ -277,6 +282,9 @@ def dual_gn(
             last inner iterate (0 for squared error, solved exactly).
         damping_policy, line_search, momentum, tx, gram: as in :func:`gaussnewton.egn` (``gram``:
             a name or a registered strategy object).
+        axis_name: the batch axis inside a user's ``jax.shard_map``, as in :func:`gaussnewton.egn`
+            (the per-example Gram factors, outputs and labels are gathered and the dual solved on
+            every device).
     """
     loss_obj = check_common(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=True
@@ -284,13 +292,14 @@ def dual_gn(
     _kind(loss_obj)
     check_int("max_inner_iters", max_inner_iters, 0)
     gram = strategy_name(gram)
+    axis = BatchAxis(check_axis_name(axis_name))
 
     def direction_fn(model, params, x, y, lam, key, method_state):
         del key
         fn = as_2d(model)
-        lin, res = _solve_batch(fn, loss_obj, params, x, y, lam, gram, max_inner_iters)
+        lin, res = _solve_batch(fn, loss_obj, params, x, y, lam, gram, max_inner_iters, axis)
         f, y, g, value = lin.outputs, lin.labels, lin.g, lin.loss
-        b = f.shape[0]
+        b = lin.batch_size
         cot = jnp.stack([g / b, (-res.alpha / (b * lam.astype(res.alpha.dtype))).astype(f.dtype)])
         both = jax.vmap(lin.vjp)(cot)
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
@@ -299,7 +308,7 @@ def dual_gn(
 
         def quad(delta):  # prox-linear model: L_lin(Δ) − L − ∇LᵀΔ (= ½ΔᵀHΔ for squared error)
             _, jd = jax.jvp(lambda p: fn(p, x), (params,), (delta,))
-            lin_loss = jnp.mean(loss_obj.value(f + jd, y))
+            lin_loss = axis.mean(jnp.mean(loss_obj.value(f + jd, y)))
             return lin_loss - value - slope_fn(delta).astype(lin_loss.dtype)
 
         return Linearization(
@@ -324,6 +333,7 @@ def dual_gn(
         line_search=line_search,
         momentum=momentum,
         tx=tx,
+        axis_name=axis_name,
     )
 
 

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gaussnewton._family import assemble, check_common
+from gaussnewton._family import assemble, check_axis_name, check_common
+from gaussnewton._sharding import BatchAxis
 from gaussnewton._tree import compute_dtype
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.gram import as_2d
@@ -70,6 +71,7 @@ def ignd(
     line_search: str | Armijo | None = None,
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> GaussNewtonOptimizer:
     r"""IGND: ``d = −(1/b) Jᵀ(ξ ⊙ g)``, ``ξ_i = 1/(q_i K_ii + λ)`` (see the module docstring).
 
@@ -81,31 +83,34 @@ def ignd(
         damping: ``λ ≥ 0`` (number or schedule).
         damping_policy, line_search, momentum, tx: as in :func:`gaussnewton.egn` (defaults: constant
             ``λ``, fixed step, no momentum; ``tx=optax.scale_by_adam()`` gives Adam-style moments).
+        axis_name: the batch axis inside a user's ``jax.shard_map``, as in :func:`gaussnewton.egn`
+            (``K_ii`` and ``ξ`` are per example, so they stay on their device).
     """
     loss_obj = check_common(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=False
     )
+    axis = BatchAxis(check_axis_name(axis_name))
 
     def direction_fn(model, params, x, y, lam, key, method_state):
         del key
         fn = as_2d(model)
-        lin = linearize(fn, loss_obj, params, x, y)
+        lin = linearize(fn, loss_obj, params, x, y, axis=axis)
         f, y, g = lin.outputs, lin.labels, lin.g
         if f.shape[1] != 1:
             raise ValueError(
                 f"ignd needs a scalar-output model (outputs (b,) or (b, 1)), but model_fn returns "
                 f"shape {tuple(f.shape)}; use gn.egn for {f.shape[1]} outputs."
             )
-        b = f.shape[0]
+        b = lin.batch_size
         dt = compute_dtype(f.dtype)
         q = loss_obj.hessian(f, y)[:, 0, 0].astype(dt)
-        den = q * gram_diagonal(fn, params, x).astype(dt) + lam.astype(dt)
+        den = q * gram_diagonal(fn, axis.varying(params), x).astype(dt) + lam.astype(dt)
         xi = jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)
         cot = jnp.stack([g / b, (-(xi[:, None] * g.astype(dt)) / b).astype(f.dtype)])
         both = jax.vmap(lin.vjp)(cot)
         grad = jax.tree_util.tree_map(lambda a: a[0], both)
         direction = jax.tree_util.tree_map(lambda a: a[1], both)
-        quad = quad_from_factor(fn, params, x, loss_obj.factor(f, y), False)
+        quad = quad_from_factor(fn, params, x, loss_obj.factor(f, y), False, axis=axis)
         return Linearization(
             lin.loss, grad, direction, quad, 0, 0.0, method_state, labels_ok=lin.labels_ok
         )
@@ -121,4 +126,5 @@ def ignd(
         line_search=line_search,
         momentum=momentum,
         tx=tx,
+        axis_name=axis_name,
     )

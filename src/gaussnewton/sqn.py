@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from gaussnewton._family import assemble, check_common, check_int
+from gaussnewton._family import assemble, check_axis_name, check_common, check_int
+from gaussnewton._sharding import BatchAxis
 from gaussnewton.linearization import linearize
 from gaussnewton.linesearch import Armijo
 from gaussnewton.losses import LossLike
@@ -91,6 +92,7 @@ def sqn(
     curvature_eps: float = 1e-10,
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> GaussNewtonOptimizer:
     r"""Stochastic L-BFGS whose curvature pairs use the same mini-batch at both points.
 
@@ -101,7 +103,8 @@ def sqn(
         history: number ``m ≥ 1`` of curvature pairs kept.
         line_search: ``"armijo"`` (default, METHODS §2.1), :class:`~gaussnewton.Armijo` or ``None``.
         curvature_eps: a pair is skipped unless ``sᵀy > curvature_eps · sᵀs``.
-        momentum, tx: as in :func:`gaussnewton.egn`.
+        momentum, tx, axis_name: as in :func:`gaussnewton.egn` (inside ``shard_map`` the gradients
+            are summed over the devices; the L-BFGS history is global and replicated).
 
     There is no damping: ``info.damping`` is 0 and ``info.rho`` NaN.
     """
@@ -110,9 +113,12 @@ def sqn(
     if not curvature_eps >= 0:
         raise ValueError(f"curvature_eps={curvature_eps!r} must be >= 0, e.g. 1e-10.")
 
-    def batch_loss(fn, params, x, y):
-        lin = linearize(fn, loss_obj, params, x, y)
-        return lin.loss, lin.labels_ok
+    axis = BatchAxis(check_axis_name(axis_name))
+
+    def loss_and_grad(fn, params, x, y):
+        """``(L, labels ok, ∇L = Jᵀg/b)`` of the whole batch (one VJP; summed over ``axis``)."""
+        lin = linearize(fn, loss_obj, params, x, y, axis=axis)
+        return lin.loss, lin.labels_ok, lin.grad()
 
     def init_method_state(params):
         flat, _ = ravel_pytree(params)
@@ -122,9 +128,7 @@ def sqn(
 
     def direction_fn(fn, params, x, y, lam, key, hist):
         del lam, key
-        (value, labels_ok), grad = jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
-            fn, params, x, y
-        )
+        value, labels_ok, grad = loss_and_grad(fn, params, x, y)
         g, unravel = ravel_pytree(grad)
         hg = two_loop(g, hist)
         scale = jnp.where(hist.num > 0, 1.0, 1.0 / jnp.maximum(1.0, jnp.linalg.norm(g)))
@@ -132,11 +136,8 @@ def sqn(
 
         def after_step(delta):
             s, _ = ravel_pytree(delta)
-            g_new, _ = ravel_pytree(
-                jax.grad(batch_loss, argnums=1, has_aux=True)(
-                    fn, jax.tree_util.tree_map(jnp.add, params, delta), x, y
-                )[0]
-            )
+            new_params = jax.tree_util.tree_map(jnp.add, params, delta)
+            g_new, _ = ravel_pytree(loss_and_grad(fn, new_params, x, y)[2])
             yv = (g_new - g).astype(s.dtype)
             sy, ss = jnp.dot(s, yv), jnp.dot(s, s)
             keep = (
@@ -175,4 +176,5 @@ def sqn(
         momentum=momentum,
         tx=tx,
         init_method_state=init_method_state,
+        axis_name=axis_name,
     )
