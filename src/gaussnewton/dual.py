@@ -69,7 +69,7 @@ from jax.scipy.linalg import cho_factor, cho_solve
 from jax.scipy.special import xlogy
 
 from gaussnewton._family import assemble, check_axis_name, check_common, check_int
-from gaussnewton._sharding import NO_AXIS, BatchAxis, like_batch, replicate
+from gaussnewton._sharding import NO_AXIS, BatchAxis, like_batch, replicate, vary_like
 from gaussnewton._tree import compute_dtype, tree_vdot
 from gaussnewton.damping import AdaptiveDamping
 from gaussnewton.gram import as_2d, gram_factors, strategy_name
@@ -163,7 +163,9 @@ def _simplex_dual(f, y, k, mu, num_iters: int) -> DualSolve:
         return jnp.where(neg, mid, lo), jnp.where(neg, hi, mid)
 
     tau_max = 1.0 / lam
-    lo, hi = jax.lax.fori_loop(0, _BISECT, bisect, (jnp.zeros((), dt), tau_max))
+    # (inside shard_map the bracket varies like f: the loop carry keeps one type)
+    bracket = vary_like((jnp.zeros((), dt), jnp.asarray(tau_max, dt)), f)
+    lo, hi = jax.lax.fori_loop(0, _BISECT, bisect, bracket)
     tau = jnp.where(dP(tau_max) <= 0, tau_max, 0.5 * (lo + hi))
     alpha_c = tau * lam * g
     p_c = primal(alpha_c)
@@ -251,7 +253,9 @@ def _solve_batch(fn, loss, params, x, y, lam, gram, max_inner_iters, axis: Batch
     # on many devices: the dual is solved replicated (K is), each device keeps its rows of α
     f, labels = replicate(axis.gather((lin.outputs, lin.labels)))
     res = dual_solve(loss, f, labels, k, lam, max_inner_iters)
-    return lin, res._replace(alpha=like_batch(axis.local(res.alpha), lin.outputs))
+    alpha = like_batch(axis.local(res.alpha), lin.outputs)
+    # the residual is the same on every device; the mean makes it one (replicated) value
+    return lin, res._replace(alpha=alpha, residual=axis.mean(res.residual))
 
 
 def dual_gn(

@@ -99,6 +99,8 @@ def test_cnn_q_network_is_the_papers_and_matches_a_dense_reference():
         DQNConfig(network="rnn")
 
 
+@pytest.mark.slow  # 30-80 s of gymnax compilation; the CNN Q-network is checked against a
+# dense reference above and the DQN loop by the CartPole smoke test, both in the default run
 def test_dqn_freeway_minatar_smoke():
     """A few steps of EGN-DQN on MinAtar Freeway with the CNN (gymnax ships MinAtar, offline).
 
