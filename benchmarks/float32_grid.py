@@ -17,38 +17,21 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-from conftest import dense_lm_direction, init_mlp, make_labels, mlp, rel_err  # noqa: E402
+from conftest import dense_lm_direction, mlp, rel_err  # noqa: E402
+from test_float32 import CASES, LAMS, grid_problem  # noqa: E402
 
 import gaussnewton as gn  # noqa: E402
-
-LAMS = (1e-8, 1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4)
-CASES = [
-    ("squared_error", 3),
-    ("sigmoid_binary_cross_entropy", 1),
-    ("softmax_cross_entropy", 3),
-    ("softmax_cross_entropy", 10),
-]
 
 
 def main():
     print(f"{'inputs':10s} {'loss':30s} {'c':>4s} " + " ".join(f"{lam:7.0e}" for lam in LAMS))
     for case in ["well", "ill", "saturated"]:
         for loss, c in CASES:
-            params = init_mlp(jax.random.key(0), 5, c, width=16)
-            x = jax.random.normal(jax.random.key(1), (16, 5))
-            if case == "ill":
-                x = x * jnp.array([1e-2, 1.0, 1e2, 1.0, 10.0])
-            if case == "saturated":
-                params["out"]["w"] = params["out"]["w"] * 30.0
-            y = make_labels(jax.random.key(2), loss, 16, c)
-            p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
-            y32 = y if jnp.issubdtype(y.dtype, jnp.integer) else y.astype(jnp.float32)
+            (params, x, y), (p32, x32, y32) = grid_problem(loss, c, case)
 
             @jax.jit
-            def direction(lam, p32=p32, x=x, y32=y32, loss=loss):
-                d, _ = gn.egn_direction(
-                    mlp, p32, x.astype(jnp.float32), y32, loss=loss, damping=lam
-                )
+            def direction(lam, p32=p32, x32=x32, y32=y32, loss=loss):
+                d, _ = gn.egn_direction(mlp, p32, x32, y32, loss=loss, damping=lam)
                 return jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(d)])
 
             errs = [

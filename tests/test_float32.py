@@ -46,9 +46,9 @@ def _tolerance(case, c, lam):
     return 5e-3 if lam >= 1e-4 else None  # ill-scaled
 
 
-@pytest.mark.parametrize("case", ["well", "ill", "saturated"])
-@pytest.mark.parametrize("loss, c", CASES)
-def test_float32_direction_against_float64(loss, c, case):
+def grid_problem(loss, c, case):
+    """``(params, x, y)`` in float64 and ``(p32, x32, y32)`` of one grid cell (also used by
+    benchmarks/float32_grid.py): MLP 5-16-16-c, b = 16; ``case`` well | ill | saturated."""
     params = init_mlp(jax.random.key(0), 5, c, width=16)
     x = jax.random.normal(jax.random.key(1), (16, 5))
     if case == "ill":
@@ -59,6 +59,13 @@ def test_float32_direction_against_float64(loss, c, case):
     p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
     x32 = x.astype(jnp.float32)
     y32 = y if jnp.issubdtype(y.dtype, jnp.integer) else y.astype(jnp.float32)
+    return (params, x, y), (p32, x32, y32)
+
+
+@pytest.mark.parametrize("case", ["well", "ill", "saturated"])
+@pytest.mark.parametrize("loss, c", CASES)
+def test_float32_direction_against_float64(loss, c, case):
+    (params, x, y), (p32, x32, y32) = grid_problem(loss, c, case)
 
     @jax.jit
     def direction(lam):
