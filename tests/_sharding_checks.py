@@ -8,6 +8,7 @@ batch) and the same two steps on 8 devices, one of:
   Explicit / Auto axes, ``x`` and ``y`` sharded over the batch, params and state replicated;
 * ``shard_map`` / ``shard_map_novma``: ``opt.step`` with ``axis_name="data"`` inside the user's
   ``jax.shard_map`` (``check_vma`` on / off);
+* ``egn_batchnorm``: a batch-coupled model (its own ``model_fn``), exact on the whole batch;
 * ``fsdp``: jit on a 4 x 2 mesh (Auto axes), the batch over ``data`` and the weight matrices
   sharded over ``model`` (FSDP-style parameters).
 
@@ -79,9 +80,11 @@ CONFIGS = {  # name: (constructor(model, loss, axis_name), modes, losses)
         lambda m, l, a: gn.egn(
             m, loss=l, momentum=0.9, tx=optax.clip_by_global_norm(1.0), axis_name=a
         ),
-        "M",
+        "EM",
         "ce",
     ),
+    # a batch-coupled model (train-mode batch norm): the whole-batch Gram on a mesh
+    "egn_batchnorm": (lambda m, l, a: gn.egn(bn_mlp, loss=l, axis_name=a), "E", "ce"),
     "ggn": (lambda m, l, a: gram_gauss_newton(m, damping=0.1, axis_name=a), "M", "se"),
     "sgn": (lambda m, l, a: sgn(m, loss=l, axis_name=a), "EM", "ce"),
     "dual_gn": (
@@ -97,6 +100,13 @@ MODES = {"E": "explicit", "A": "auto", "M": "shard_map", "N": "shard_map_novma",
 
 def mlp(p, x):
     return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def bn_mlp(p, x):
+    """Batch statistics couple the examples (train-mode batch norm without a scale)."""
+    h = x @ p["w1"] + p["b1"]
+    h = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5)
+    return jnp.tanh(h) @ p["w2"] + p["b2"]
 
 
 def init(c):
