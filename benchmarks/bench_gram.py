@@ -12,21 +12,29 @@ For each problem it measures, in ONE process and side by side:
 * on small models (``D`` parameters < ``b r`` rows: LQR quadratic features, the sine MLP) the
   plain step with the row-space and with the parameter-space solve
   (:mod:`gaussnewton.param_space`),
-* the BLAS libraries loaded and their thread counts (threadpoolctl), before and after.
+* the BLAS libraries loaded and their thread counts (threadpoolctl), before and after,
+* the floating-point work of the compiled plain EGN step over Adam's (XLA's cost analysis, which
+  counts a while-loop body once): the ratio a step time cannot beat at equal flop rate.
+
+``--readme README.md`` rewrites the README's performance table (the block between
+``<!-- results:begin perf -->`` and ``<!-- results:end perf -->``) from the rows of this run,
+with the command, the date, the machine and its load.
 
 The process does NO thread set-up (as a user's would) unless ``--limit-blas`` is given.
 
 Usage:
     python benchmarks/bench_gram.py [--quick] [--out results.json] [--steps 20] [--only NAME]
-        [--limit-blas] [--skip-gram]
+        [--limit-blas] [--skip-gram] [--readme README.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,6 +192,15 @@ def peak_bytes(compiled) -> int | None:
     )
 
 
+def flops(compiled) -> float | None:
+    """XLA's flop count of a compiled program (a while-loop body is counted once)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    value = (cost or {}).get("flops")
+    return float(value) if value else None
+
+
 def first_call_s(fn: Callable, *args) -> float:
     """Seconds of the first call of a fresh ``jax.jit`` function: trace + compile + one run."""
     t = time.perf_counter()
@@ -270,8 +287,12 @@ def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) ->
     )
 
     compiled = egn_step.lower(params, state, x, y).compile()
+    adam_compiled = adam_step.lower(params, adam_state, x, y).compile()
     row["egn_step_peak_bytes"] = peak_bytes(compiled)
-    row["adam_step_peak_bytes"] = peak_bytes(adam_step.lower(params, adam_state, x, y).compile())
+    row["adam_step_peak_bytes"] = peak_bytes(adam_compiled)
+    row["egn_step_flops"], row["adam_step_flops"] = flops(compiled), flops(adam_compiled)
+    if row["egn_step_flops"] and row["adam_step_flops"]:
+        row["flops_egn_over_adam"] = row["egn_step_flops"] / row["adam_step_flops"]
     for _ in range(3):
         jax.block_until_ready(egn_step(params, state, x, y))
         jax.block_until_ready(adam_step(params, adam_state, x, y))
@@ -297,7 +318,8 @@ def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) ->
     )
     print(
         f"  egn step {row['egn_step_ms']:.2f} ms, adam step {row['adam_step_ms']:.3f} ms, "
-        f"ratio {row['egn_over_adam']:.1f}, egn peak {row['egn_step_peak_bytes'] / 2**20:.1f} MiB",
+        f"ratio {row['egn_over_adam']:.1f}, egn peak {row['egn_step_peak_bytes'] / 2**20:.1f} MiB, "
+        f"flops ratio {row.get('flops_egn_over_adam', float('nan')):.1f}",
         flush=True,
     )
     return row
@@ -423,6 +445,65 @@ def blas_info() -> list[dict]:
     return [{k: i.get(k) for k in keys} for i in threadpool_info()]
 
 
+def machine_line() -> str:
+    """CPU model, core count and platform of this machine (for the README's table)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def readme_block(rows: list[dict], meta: dict) -> str:
+    """The README's performance table (markdown) from this run's rows."""
+
+    def ms(v):
+        return "-" if v is None else (f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms")
+
+    lines = [
+        f"`{meta['command']}`, {meta['date']}, {meta['machine']}, jax {meta['jax']}, solve "
+        f"backend `{meta['solve_backend']}`, BLAS threads "
+        f"{', '.join(str(i['num_threads']) for i in meta['blas_after']) or 'n/a'}, load average "
+        f"{meta['load_before']:.1f} before and {meta['load_after']:.1f} after the run "
+        "(float32; ratios measured side by side in one process, medians of interleaved steps):",
+        "",
+        "| problem | Gram: jacobian | Gram: structured | plain EGN / Adam | default EGN / Adam "
+        "| first call EGN / Adam | flops EGN / Adam | EGN peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        g = r["gram_ms"]
+        speedup = ""
+        if g.get("jacobian") and g.get("structured"):
+            speedup = f" ({g['jacobian'] / g['structured']:.0f}x)"
+        flop = r.get("flops_egn_over_adam")
+        lines.append(
+            f"| {r['problem']} | {ms(g.get('jacobian'))} | {ms(g.get('structured'))}{speedup} "
+            f"| {r['egn_over_adam']:.1f} | {r['egn_default_over_adam']:.1f} "
+            f"| {r['compile_egn_over_adam']:.1f} | {'-' if flop is None else f'{flop:.1f}'} "
+            f"| {r['egn_step_peak_bytes'] / 2**20:.1f} MiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(path: str, rows: list[dict], meta: dict) -> None:
+    """Replace the ``perf`` block of ``path`` by :func:`readme_block` (harness helper)."""
+    try:
+        from gaussnewton_experiments.results import replace_block
+    except ImportError as e:  # the experiment harness is a separate package (experiments/)
+        raise SystemExit(
+            "--readme needs the experiment harness (pip install -e experiments, or make install)"
+        ) from e
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(replace_block(text, "perf", readme_block(rows, meta)))
+    print(f"wrote the performance table of {path}")
+
+
 def selected(name: str, only: str | None) -> bool:
     return only is None or any(part in name for part in only.split("|"))
 
@@ -444,7 +525,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--skip-gram", action="store_true", help="skip the Gram-strategy timings")
     ap.add_argument("--skip-small", action="store_true", help="skip the parameter-space rows")
+    ap.add_argument(
+        "--readme",
+        default=None,
+        help="rewrite the performance table (block 'perf') of this README from this run",
+    )
     args = ap.parse_args(argv)
+    load_before = os.getloadavg()[0]
     if args.limit_blas:
         import scipy.linalg.cython_lapack  # noqa: F401  (the OpenBLAS jaxlib's LAPACK calls)
         from threadpoolctl import threadpool_limits
@@ -498,11 +585,19 @@ def main(argv: list[str] | None = None) -> None:
         "devices": [str(d) for d in jax.devices()],
         "machine": platform.platform(),
         "x64": bool(jax.config.read("jax_enable_x64")),
+        "command": " ".join(["python benchmarks/bench_gram.py", *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": machine_line(),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
     }
+    meta["machine"] = meta["cpu"]
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "rows": rows, "small": small}, fh, indent=2)
         print(f"\nwrote {args.out}")
+    if args.readme:
+        write_readme(args.readme, rows, meta)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,12 @@ _HI = jax.lax.Precision.HIGHEST
 TILE_ROWS = 288
 #: at most this many tiles: the task graph has ~nt³/6 tile updates, and compile time grows with it
 MAX_TILES = 8
-#: :func:`cholesky_inverse` factors blocks of at most this many rows by a column loop
-LEAF_ROWS = 160
+#: :func:`cholesky_inverse` factors blocks of at most this many rows by a column loop. A column
+#: step costs O(leaf²) and is mostly loop overhead: on the 2-core CPU here (quiet, 2026-12-02)
+#: leaves of <= 80 rows made the plain EGN step 12 % faster than <= 160 on both reference
+#: problems of benchmarks/bench_gram.py (784-256-256-10 CE: 15.4 against 17.1 ms; 8-256-256-1:
+#: 2.40 against 2.75 ms) and its first compile 20-40 % slower (one more while loop per leaf)
+LEAF_ROWS = 80
 #: the solve backends (see the module docstring)
 BACKENDS = ("native", "lapack")
 
