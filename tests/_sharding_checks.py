@@ -1,6 +1,6 @@
 """The multi-device checks of tests/test_sharding.py, run in their own process on 8 CPU devices.
 
-``python tests/_sharding_checks.py OUT.json`` forces 8 host devices (before jax starts), and for
+``python tests/_sharding_checks.py OUT.json [--all]`` forces 8 host devices (before jax starts), and for
 each case runs two steps of a method on one device (the reference: plain ``jax.jit``, the whole
 batch) and the same two steps on 8 devices, one of:
 
@@ -96,6 +96,33 @@ CONFIGS = {  # name: (constructor(model, loss, axis_name), modes, losses)
     "sqn": (lambda m, l, a: sqn(m, loss=l, history=3, axis_name=a), "EM", "se"),
 }
 MODES = {"E": "explicit", "A": "auto", "M": "shard_map", "N": "shard_map_novma", "F": "fsdp"}
+# the modes of the default (fast) run: every config, loss and mode at least once; ``--all`` (the
+# slow test) runs every mode of CONFIGS
+FAST_MODES = {
+    "egn": "EAMNF",
+    "egn_cholesky": "M",
+    "egn_param": "E",
+    "egn_cg": "M",
+    "egn_sampled": "E",
+    "egn_jacobian": "M",
+    "egn_momentum_tx": "E",
+    "egn_batchnorm": "E",
+    "ggn": "M",
+    "sgn": "E",
+    "dual_gn": "M",
+    "ignd": "E",
+    "sqn": "M",
+}
+
+
+def cases(every: bool) -> list[str]:
+    """The case names of one run: ``{config}-{loss}-{mode}``."""
+    return [
+        f"{name}-{lname}-{MODES[m]}"
+        for name, (_, modes, losses) in CONFIGS.items()
+        for lname in losses.split(",")
+        for m in (modes if every else FAST_MODES[name])
+    ]
 
 
 def mlp(p, x):
@@ -158,7 +185,7 @@ def all_gathers(hlo: str) -> list[int]:
     return sizes
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, every: bool = False) -> None:
     assert jax.device_count() == 8, jax.devices()
     results: dict = {}
     meshes = {
@@ -167,6 +194,7 @@ def main(out_path: str) -> None:
     }
     grid = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     for name, (make, modes, losses) in CONFIGS.items():
+        modes = modes if every else FAST_MODES[name]
         for lname in losses.split(","):
             loss, c = LOSSES[lname]
             params, (x, y) = init(c), data(loss, c)
@@ -219,4 +247,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], every="--all" in sys.argv[2:])
