@@ -80,8 +80,12 @@ def test_per_token_direction_matches_dense(loss, c, masked):
     if masked:
         mask = jnp.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 1]], jnp.float64)
         y = WeightedLabels(y, mask)
+    # one compilation for both λ (eager op-by-op dispatch of the engine is the slow part)
+    direction = jax.jit(
+        lambda p, lam: gn.egn_direction(seq_model, p, x, y, loss=loss, damping=lam)
+    )
     for lam in (1e-4, 1e-1):
-        d, info = gn.egn_direction(seq_model, params, x, y, loss=loss, damping=lam)
+        d, info = direction(params, lam)
         ref = _dense_direction(params, x, y, loss, lam)
         assert rel_err(flat(d), ref) < 1e-8, (loss, masked, lam)
         assert float(info.directional_derivative) < 0
@@ -93,17 +97,19 @@ def test_per_token_sampled_direction_is_exact_for_its_factor():
     x = jax.random.normal(jax.random.key(4), (B, T, DIN))
     y = _labels(loss, c, jax.random.key(5))
     key = jax.random.key(7)
-    d, _ = gn.egn_direction(
-        seq_model,
-        params,
-        x,
-        y,
-        loss=loss,
-        damping=1e-2,
-        curvature="sampled",
-        num_samples=m,
-        key=key,
-    )
+    d, _ = jax.jit(
+        lambda p: gn.egn_direction(
+            seq_model,
+            p,
+            x,
+            y,
+            loss=loss,
+            damping=1e-2,
+            curvature="sampled",
+            num_samples=m,
+            key=key,
+        )
+    )(params)
     lobj = gn.get_loss(loss)
     f = seq_model(params, x)
     s = lobj.sample_factor(f, lobj.prepare_labels(f, y), key, m)
