@@ -8,7 +8,9 @@ For each problem it measures, in ONE process and side by side:
 * the peak memory of the compiled EGN step from XLA's memory analysis
   (arguments + outputs + temporaries - aliased bytes),
 * the DEFAULT step as a user calls it (``gn.egn(model, loss=...)``: Armijo line search, adaptive
-  damping, ``gram="auto"``) over Adam, and the first-call (trace + compile + run) time of both,
+  damping, ``gram="auto"``) over Adam, timed after ``WARM`` default steps on fresh batches (where
+  λ and α have adapted; the line-search trials of the timed step are reported), and the first-call
+  (trace + compile + run) time of both,
 * on small models (``D`` parameters < ``b r`` rows: LQR quadratic features, the sine MLP) the
   plain step with the row-space and with the parameter-space solve
   (:mod:`gaussnewton.param_space`),
@@ -48,6 +50,9 @@ import gaussnewton as gn
 from gaussnewton import linalg
 from gaussnewton.gram import STRATEGIES, as_2d
 from gaussnewton.param_space import choose_space, param_space_direction
+
+#: default steps run on the batch before the default step is timed (see run_problem)
+WARM = 10
 
 
 @dataclass(frozen=True)
@@ -208,19 +213,27 @@ def first_call_s(fn: Callable, *args) -> float:
     return time.perf_counter() - t
 
 
-def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) -> dict:
-    key = jax.random.PRNGKey(0)
-    kp, kx, ky = jax.random.split(key, 3)
+def random_batch(p: Problem, key) -> tuple[jax.Array, jax.Array]:
+    """``(x, y)`` of problem ``p``: normal inputs (uniform images), normal targets or uniform
+    labels."""
+    kx, ky = jax.random.split(key)
     if p.model == "cnn":
-        params, f = init_cnn(kp, p.sizes), cnn_fn
         x = jax.random.uniform(kx, (p.batch, *p.sizes[:-1]))
     else:
-        params, f = init_mlp(kp, p.sizes), mlp_fn(p.act)
         x = jax.random.normal(kx, (p.batch, p.sizes[0]))
     if p.loss == "squared_error":
-        y = jax.random.normal(ky, (p.batch, p.sizes[-1]))
+        return x, jax.random.normal(ky, (p.batch, p.sizes[-1]))
+    return x, jax.random.randint(ky, (p.batch,), 0, p.sizes[-1])
+
+
+def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) -> dict:
+    key = jax.random.PRNGKey(0)
+    kp, kd = jax.random.split(key)
+    if p.model == "cnn":
+        params, f = init_cnn(kp, p.sizes), cnn_fn
     else:
-        y = jax.random.randint(ky, (p.batch,), 0, p.sizes[-1])
+        params, f = init_mlp(kp, p.sizes), mlp_fn(p.act)
+    x, y = random_batch(p, kd)
     row = {
         "problem": p.name,
         "params": int(sum(a.size for a in jax.tree_util.tree_leaves(params))),
@@ -296,15 +309,26 @@ def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) ->
     for _ in range(3):
         jax.block_until_ready(egn_step(params, state, x, y))
         jax.block_until_ready(adam_step(params, adam_state, x, y))
-    for _ in range(3):
-        jax.block_until_ready(default_step(params, default_state, x, y))
+    # the default step is timed where a run spends its steps, not at the initial point: from the
+    # random init the first steps backtrack up to max_trials times while λ and α adapt (the
+    # 1000-class sampled step took 15 trials there, 2x its steady cost); WARM steps on fresh
+    # batches first (on one batch the model soon interpolates it and backtracking grows again),
+    # then the timed calls repeat the step on the benchmark batch from that (params, state)
+    default_params = params
+    for i in range(WARM):
+        xw, yw = random_batch(p, jax.random.fold_in(kd, i + 1))
+        default_params, default_state, _ = default_step(default_params, default_state, xw, yw)
+    _, _, dinfo = default_step(default_params, default_state, x, y)
+    row["egn_default_ls_trials"] = int(dinfo.ls_trials)
     egn_t, adam_t, default_t = [], [], []
     rounds = 4
     per = max(1, -(-steps // rounds))
     for _ in range(rounds):
         egn_t += timed(egn_step, params, state, x, y, reps=per, budget_s=1e9)
         adam_t += timed(adam_step, params, adam_state, x, y, reps=per, budget_s=1e9)
-        default_t += timed(default_step, params, default_state, x, y, reps=per, budget_s=1e9)
+        default_t += timed(
+            default_step, default_params, default_state, x, y, reps=per, budget_s=1e9
+        )
     row["egn_step_ms"] = 1e3 * statistics.median(egn_t)
     row["adam_step_ms"] = 1e3 * statistics.median(adam_t)
     row["egn_over_adam"] = row["egn_step_ms"] / row["adam_step_ms"]
@@ -313,7 +337,8 @@ def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) ->
     row["steps_timed"] = len(egn_t)
     print(
         f"  default egn step {row['egn_default_step_ms']:.2f} ms "
-        f"({row['egn_default_over_adam']:.1f}x Adam)",
+        f"({row['egn_default_over_adam']:.1f}x Adam; {row['egn_default_ls_trials']} line-search "
+        f"trial(s) at the timed state, after {WARM} steps)",
         flush=True,
     )
     print(
@@ -443,6 +468,19 @@ def blas_info() -> list[dict]:
         return []
     keys = ("internal_api", "prefix", "filepath", "version", "num_threads", "architecture")
     return [{k: i.get(k) for k in keys} for i in threadpool_info()]
+
+
+def command_line(args: list[str]) -> str:
+    """The command of this run as the README shows it (``--out FILE`` left out: a local path)."""
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return " ".join(["python benchmarks/bench_gram.py", *kept])
 
 
 def machine_line() -> str:
@@ -585,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         "devices": [str(d) for d in jax.devices()],
         "machine": platform.platform(),
         "x64": bool(jax.config.read("jax_enable_x64")),
-        "command": " ".join(["python benchmarks/bench_gram.py", *(argv or sys.argv[1:])]),
+        "command": command_line(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": machine_line(),
         "load_before": load_before,

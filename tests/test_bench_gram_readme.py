@@ -54,3 +54,10 @@ def test_write_readme_replaces_only_the_perf_block(tmp_path):
     text = page.read_text(encoding="utf-8")
     assert "old" not in text and "| reg 8-256-256-1 b=128 |" in text
     assert text.startswith("intro\n") and "keep\n" in text
+
+
+def test_command_line_leaves_out_the_local_output_path():
+    args = ["--readme", "README.md", "--out", "/tmp/x.json", "--steps", "20", "--out=y.json"]
+    assert bench_gram.command_line(args) == (
+        "python benchmarks/bench_gram.py --readme README.md --steps 20"
+    )
