@@ -52,7 +52,7 @@ from gaussnewton.gram import STRATEGIES, as_2d
 from gaussnewton.param_space import choose_space, param_space_direction
 
 #: default steps run on the batch before the default step is timed (see run_problem)
-WARM = 10
+WARM = 20
 
 
 @dataclass(frozen=True)
