@@ -228,7 +228,7 @@ _Fixed = ConstantDamping  # the former private name
 
 
 @dataclasses.dataclass(frozen=True)
-class _StatelessDamping:
+class _StatelessDamping(_ScalarDamping):
     """A stateless :class:`DampingPolicy` as a :class:`DampingRule` (state λ; with a schedule and
     no gain ratio the λ of a step is ``schedule(count)``)."""
 
@@ -238,9 +238,6 @@ class _StatelessDamping:
     @property
     def uses_gain_ratio(self) -> bool:
         return self.policy.uses_gain_ratio
-
-    def init(self, lam0: Any, dtype: Any) -> jax.Array:
-        return jnp.asarray(lam0, dtype)
 
     def value(self, state, count=None):
         if self.schedule is None or count is None or self.uses_gain_ratio:

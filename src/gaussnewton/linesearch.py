@@ -128,8 +128,35 @@ class LineSearch(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class Armijo:
-    """Armijo backtracking on the same mini-batch (see the module docstring for the math)."""
+class _SearchRule:
+    """A :class:`StepSizeRule` made of a stateless ``search`` (the :class:`LineSearch` protocol):
+    the state is ``α_prev``, the result's ``next_step_size``, unchanged by a rejected step."""
+
+    def init(self, alpha_max: Any, dtype: Any) -> jax.Array:
+        """The first state: ``α_prev = α_max`` of step 0, in ``dtype``."""
+        return jnp.asarray(alpha_max, dtype)
+
+    def update(
+        self,
+        state: jax.Array,
+        loss_at: LossAt,
+        loss0: jax.Array,
+        slope: jax.Array,
+        alpha_max: jax.Array,
+    ) -> tuple[LineSearchResult, jax.Array]:
+        """``search`` from ``prev = state``; the next state is the result's ``next_step_size``."""
+        result = self.search(loss_at, loss0, slope, state, alpha_max)
+        return result, jnp.asarray(result.next_step_size).astype(jnp.result_type(state))
+
+    def on_rejected(self, state: jax.Array) -> jax.Array:
+        """A rejected step leaves the state unchanged."""
+        return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Armijo(_SearchRule):
+    """Armijo backtracking on the same mini-batch (see the module docstring for the math); a
+    :class:`StepSizeRule` with the state ``α_prev``."""
 
     c1: float = 0.1
     shrink: float = 0.8
@@ -152,26 +179,6 @@ class Armijo:
             raise ValueError(f"Armijo(reset={self.reset!r}): use one of {RESETS}.")
         if not self.grow >= 1.0:
             raise ValueError(f"Armijo(grow={self.grow!r}): grow must be >= 1, e.g. 1.5.")
-
-    def init(self, alpha_max: Any, dtype: Any) -> jax.Array:
-        """The first state: ``α_prev = α_max`` of step 0, in ``dtype``."""
-        return _scalar_init(alpha_max, dtype)
-
-    def update(
-        self,
-        state: jax.Array,
-        loss_at: LossAt,
-        loss0: jax.Array,
-        slope: jax.Array,
-        alpha_max: jax.Array,
-    ) -> tuple[LineSearchResult, jax.Array]:
-        """:meth:`search` from ``α_prev = state``; the next state is the result's
-        ``next_step_size``."""
-        return _search_update(self, state, loss_at, loss0, slope, alpha_max)
-
-    def on_rejected(self, state: jax.Array) -> jax.Array:
-        """A rejected step leaves ``α_prev`` unchanged."""
-        return state
 
     def initial_step_size(self, prev: jax.Array, alpha_max: jax.Array) -> jax.Array:
         if self.reset == "increase":
@@ -216,51 +223,30 @@ class Armijo:
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedStep:
+class FixedStep(_SearchRule):
     """The fixed step ``α = α_max`` (the learning rate or its schedule; ``line_search=None``).
 
     ``L(w + α d)`` is still evaluated (one forward pass): the step guard rejects a step into a
-    non-finite region and the gain ratio reuses it. The state is the last ``α`` (unused by the
-    rule; kept so that every method's state has the same fields).
+    non-finite region and the gain ratio reuses it. A :class:`StepSizeRule` whose state is the
+    last ``α`` (unused by the rule; kept so that every method's state has the same fields).
     """
 
-    def init(self, alpha_max: Any, dtype: Any) -> jax.Array:
-        """The first state: ``α_max`` of step 0, in ``dtype``."""
-        return _scalar_init(alpha_max, dtype)
-
-    def update(
-        self,
-        state: jax.Array,
-        loss_at: LossAt,
-        loss0: jax.Array,
-        slope: jax.Array,
-        alpha_max: jax.Array,
-    ) -> tuple[LineSearchResult, jax.Array]:
+    def search(self, loss_at, loss0, slope, prev, alpha_max) -> LineSearchResult:
         """``α = α_max``: one forward pass, no test (``accepted`` is True)."""
-        result = LineSearchResult(
-            alpha_max, loss_at(alpha_max), jnp.asarray(0, jnp.int32), jnp.asarray(True), alpha_max
+        loss = loss_at(alpha_max)
+        return LineSearchResult(
+            alpha_max, loss, jnp.asarray(0, jnp.int32), jnp.asarray(True), alpha_max
         )
-        return result, jnp.asarray(alpha_max).astype(jnp.result_type(state))
-
-    def on_rejected(self, state: jax.Array) -> jax.Array:
-        """A rejected step leaves the state unchanged."""
-        return state
 
 
 @dataclasses.dataclass(frozen=True)
-class _StatelessSearch:
+class _StatelessSearch(_SearchRule):
     """A stateless :class:`LineSearch` as a :class:`StepSizeRule` (state ``α_prev``)."""
 
     line_search: LineSearch
 
-    def init(self, alpha_max: Any, dtype: Any) -> jax.Array:
-        return _scalar_init(alpha_max, dtype)
-
-    def update(self, state, loss_at, loss0, slope, alpha_max):
-        return _search_update(self.line_search, state, loss_at, loss0, slope, alpha_max)
-
-    def on_rejected(self, state):
-        return state
+    def search(self, loss_at, loss0, slope, prev, alpha_max) -> LineSearchResult:
+        return self.line_search.search(loss_at, loss0, slope, prev, alpha_max)
 
 
 def is_step_size_rule(obj: Any) -> bool:
@@ -277,13 +263,3 @@ def as_step_size_rule(line_search: StepSizeRule | LineSearch | None) -> StepSize
     if is_step_size_rule(line_search):
         return line_search
     return _StatelessSearch(line_search)
-
-
-def _scalar_init(alpha_max: Any, dtype: Any) -> jax.Array:
-    return jnp.asarray(alpha_max, dtype)
-
-
-def _search_update(line_search, state, loss_at, loss0, slope, alpha_max):
-    """One stateless ``search`` from ``prev = state``; the next state is ``next_step_size``."""
-    result = line_search.search(loss_at, loss0, slope, state, alpha_max)
-    return result, jnp.asarray(result.next_step_size).astype(jnp.result_type(state))
