@@ -223,3 +223,62 @@ def test_stateful_step_size_and_damping_rules_with_a_builtin_direction():
     step(params, state, x, y)
     assert step._cache_size() == 1 and len(traces) == n_traced  # no retracing across steps
     assert opt.step_size_rule is opt.line_search and opt.damping_rule is opt.damping_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class StatelessArmijo:  # gn.LineSearch only (search): the loop gives it the state α_prev
+    inner: gn.Armijo
+
+    def search(self, loss_at, loss0, slope, prev, alpha_max):
+        return self.inner.search(loss_at, loss0, slope, prev, alpha_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatelessAdaptive:  # gn.DampingPolicy only (update(λ, ρ), on_rejected(λ)): state λ
+    inner: gn.AdaptiveDamping
+    uses_gain_ratio = True
+
+    def update(self, lam, rho):
+        return self.inner.update(lam, rho)
+
+    def on_rejected(self, lam):
+        return self.inner.on_rejected(lam)
+
+
+def _run(opt, params, x, y, n=6, bad=3):
+    state, step, out = opt.init(params), jax.jit(opt.step), []
+    for i in range(n):
+        xb = x * (1.0 + 0.02 * i)
+        xb = xb.at[0, 0].set(jnp.nan) if i == bad else xb  # one rejected step
+        params, state, info = step(params, state, xb, y)
+        out.append(jax.tree_util.tree_leaves((params, state, info)))
+    return out
+
+
+def test_stateless_protocols_and_fixed_step_equal_the_rules_bitwise():
+    """The stateless forms (wrapped by the step loop) and ``gn.FixedStep()`` (= ``None``) take
+    exactly the steps of the rules they wrap, a rejected step included."""
+    params, x, y = _problem()
+    kw = dict(loss="squared_error", learning_rate=2.0, damping=1e-2)
+    armijo, adaptive = gn.Armijo(reset="goldstein", shrink=0.5), gn.AdaptiveDamping()
+    pairs = [
+        (
+            gn.egn(mlp, **kw, line_search=armijo, damping_policy=adaptive),
+            gn.egn(
+                mlp,
+                **kw,
+                line_search=StatelessArmijo(armijo),
+                damping_policy=StatelessAdaptive(adaptive),
+            ),
+        ),
+        (
+            gn.egn(mlp, **kw, line_search=None, damping_policy=adaptive),
+            gn.egn(mlp, **kw, line_search=gn.FixedStep(), damping_policy=adaptive),
+        ),
+    ]
+    for rule_opt, other_opt in pairs:
+        got, want = _run(other_opt, params, x, y), _run(rule_opt, params, x, y)
+        assert bool(want[3][-1]) and not bool(want[2][-1])  # step 3 rejected (info.rejected)
+        for a, b in zip(got, want, strict=True):
+            for u, v in zip(a, b, strict=True):
+                np.testing.assert_array_equal(np.asarray(u), np.asarray(v))

@@ -15,8 +15,8 @@ and ``GaussNewtonState.damping``; for the built-in rules ``α_prev`` and λ, sca
 composes any direction with any rule through :class:`~gaussnewton.StepSizeRule` and
 :class:`~gaussnewton.DampingRule` and switches on none of them.
 
-A step is rejected — ``params``, the optimizer state and the model state unchanged (λ grows under
-adaptive damping), ``info.rejected`` set — when the loss, gradient, direction or update is not
+A step is rejected — ``params``, the optimizer state and the model state unchanged except that each
+rule keeps its ``on_rejected(state)`` (λ grows under adaptive damping), ``info.rejected`` set — when the loss, gradient, direction or update is not
 finite, when the loss at the new point is not finite (no finite trial point: never a step into a
 NaN region), when a line search found no acceptable step and its last trial raises the loss, or
 when the labels are invalid (METHODS §6).
@@ -264,8 +264,8 @@ class GaussNewtonOptimizer:
         search, step_size_state = step_size.update(
             state.step_size, lambda a: loss_at(a).astype(dt), lin.loss.astype(dt), slope, alpha_max
         )
-        alpha, loss_after = search.step_size, jnp.asarray(search.loss, dt)
-        delta = tree_scale(alpha.astype(dt), d)
+        alpha, loss_after = jnp.asarray(search.step_size, dt), jnp.asarray(search.loss, dt)
+        delta = tree_scale(alpha, d)
         rho = jnp.asarray(jnp.nan, dt)  # not computed: the rule does not use it
         if damping.uses_gain_ratio and self.rho_at == "full_step":  # ρ of α_max d, whatever
             loss_full = jax.lax.cond(  # the line search accepted (the SGN authors' rule)
@@ -312,7 +312,7 @@ class GaussNewtonOptimizer:
             directional_derivative=slope,
             damping=lam,
             next_damping=jnp.asarray(damping.value(out_state.damping), dt),
-            step_size=alpha.astype(dt),
+            step_size=alpha,
             ls_trials=jnp.asarray(search.trials, jnp.int32),
             ls_accepted=jnp.asarray(search.accepted),
             rho=rho,
