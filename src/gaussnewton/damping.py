@@ -77,6 +77,21 @@ class DampingRule(Protocol):
     ``update(state, rho, count=None)`` is the state kept after an accepted step at ``count``;
     ``on_rejected(state)`` the state kept after a rejected one (METHODS §6). All run inside
     ``jit``; the state's structure, shapes and dtypes must not change between steps.
+
+    Example (λ halved after each accepted step, ×4 after a rejected one; state ``(λ, rejections)``;
+    ``tests/test_custom_method.py`` runs rules like it):
+        >>> import jax.numpy as jnp
+        >>> import gaussnewton as gn
+        >>> class HalvingWithCount:
+        ...     uses_gain_ratio = False
+        ...     def init(self, lam0, dtype): return (jnp.asarray(lam0, dtype), jnp.int32(0))
+        ...     def value(self, state, count=None): return state[0]
+        ...     def update(self, state, rho, count=None): return (state[0] / 2, state[1])
+        ...     def on_rejected(self, state): return (4 * state[0], state[1] + 1)
+        >>> opt = gn.egn(lambda p, x: x @ p, loss="squared_error", damping_policy=HalvingWithCount())
+        >>> state = opt.init(jnp.zeros(3, jnp.float32))
+        >>> float(opt.damping_rule.value(state.damping)), int(state.damping[1])
+        (0.0010000000474974513, 0)
     """
 
     uses_gain_ratio: bool
@@ -197,6 +212,14 @@ class ConstantDamping(_ScalarDamping):
     (``schedule(0)`` at first); the λ of a step is ``schedule(count)`` (``count``: accepted steps).
     ``damping_policy="constant"`` with a schedule as ``damping`` (or a schedule as
     ``damping_policy``) is ``ConstantDamping(schedule)``.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> import gaussnewton as gn
+        >>> rule = gn.ConstantDamping(optax.exponential_decay(1.0, 1, 0.5))
+        >>> state = rule.init(1.0, jnp.float32)  # schedule(0) = 1
+        >>> float(rule.value(state, jnp.asarray(2)))  # λ of the step after 2 accepted steps
+        0.25
     """
 
     schedule: Callable[[jax.Array], Any] | None = None

@@ -90,6 +90,8 @@ class StepSizeRule(Protocol):
     it returns ``(LineSearchResult, state)``, the state kept when the step is accepted.
     ``on_rejected(state)`` is the state kept when the step loop rejects the step (METHODS §6).
     The state's structure, shapes and dtypes must not change between steps (no retracing).
+    :class:`Armijo` and :class:`FixedStep` are the built-in rules; ``tests/test_custom_method.py``
+    writes one with its own state (``α`` halved after a rejected step, grown after an accepted one).
     """
 
     def init(self, alpha_max: Any, dtype: Any) -> PyTree: ...
@@ -229,6 +231,15 @@ class FixedStep(_SearchRule):
     ``L(w + α d)`` is still evaluated (one forward pass): the step guard rejects a step into a
     non-finite region and the gain ratio reuses it. A :class:`StepSizeRule` whose state is the
     last ``α`` (unused by the rule; kept so that every method's state has the same fields).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import gaussnewton as gn
+        >>> rule, half, one = gn.FixedStep(), jnp.float32(0.5), jnp.float32(1.0)
+        >>> loss_at = lambda a: (1.0 - a) ** 2  # L(w + α d), L(w) = 1, ∇Lᵀd = -2
+        >>> result, state = rule.update(rule.init(half, jnp.float32), loss_at, one, -2 * one, half)
+        >>> float(result.step_size), float(result.loss), bool(result.accepted)
+        (0.5, 0.25, True)
     """
 
     def search(self, loss_at, loss0, slope, prev, alpha_max) -> LineSearchResult:
