@@ -7,7 +7,7 @@ damping and momentum. See ``docs/METHODS.md`` for the mathematics.
 
 from gaussnewton._family import make_method
 from gaussnewton.adapters import from_equinox, from_nnx
-from gaussnewton.damping import AdaptiveDamping, ConstantDamping, DampingPolicy
+from gaussnewton.damping import AdaptiveDamping, ConstantDamping, DampingPolicy, DampingRule
 from gaussnewton.directions import DirectionInfo, egn_direction
 from gaussnewton.dual import dual_gn, dual_gn_transform
 from gaussnewton.egn import egn
@@ -16,7 +16,7 @@ from gaussnewton.gram.structured import explain as explain_gram
 from gaussnewton.gram_gauss_newton import gram_gauss_newton
 from gaussnewton.ignd import ignd
 from gaussnewton.linearization import BatchLinearization, linearize
-from gaussnewton.linesearch import Armijo, LineSearch, LineSearchResult
+from gaussnewton.linesearch import Armijo, FixedStep, LineSearch, LineSearchResult, StepSizeRule
 from gaussnewton.losses import (
     ConvexLoss,
     Loss,
@@ -44,9 +44,11 @@ __all__ = [
     "ConstantDamping",
     "ConvexLoss",
     "DampingPolicy",
+    "DampingRule",
     "Direction",
     "DirectionInfo",
     "EGNPreconditionerState",
+    "FixedStep",
     "GaussNewtonOptimizer",
     "GaussNewtonState",
     "LineSearch",
@@ -59,6 +61,7 @@ __all__ = [
     "SigmoidBinaryCrossEntropy",
     "SoftmaxCrossEntropy",
     "SquaredError",
+    "StepSizeRule",
     "StepInfo",
     "WeightedLabels",
     "as_optax",

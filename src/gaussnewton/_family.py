@@ -11,7 +11,7 @@ from typing import Any
 
 from gaussnewton import _validate as v
 from gaussnewton.damping import AdaptiveDamping, ConstantDamping
-from gaussnewton.linesearch import Armijo
+from gaussnewton.linesearch import Armijo, is_step_size_rule
 from gaussnewton.losses import Loss, get_loss
 from gaussnewton.optimizer import GaussNewtonOptimizer
 
@@ -19,42 +19,56 @@ __all__ = ["check_common", "assemble", "check_int", "make_method"]
 
 
 def _policy(damping_policy, damping):
-    """The :class:`~gaussnewton.DampingPolicy` object of a ``damping_policy`` argument."""
+    """The damping rule of a ``damping_policy`` argument: a :class:`~gaussnewton.DampingRule`, a
+    stateless :class:`~gaussnewton.DampingPolicy` (wrapped by the step loop), or
+    :class:`~gaussnewton.ConstantDamping` with the schedule for ``"constant"`` / a schedule."""
     if isinstance(damping_policy, str) and damping_policy == "constant":
-        return ConstantDamping()
-    if isinstance(damping_policy, str) and damping_policy == "adaptive":
+        policy = ConstantDamping()
+    elif isinstance(damping_policy, str) and damping_policy == "adaptive":
         policy = AdaptiveDamping()
     elif hasattr(damping_policy, "update") and hasattr(damping_policy, "on_rejected"):
+        if hasattr(damping_policy, "init") != hasattr(damping_policy, "value"):
+            raise TypeError(
+                f"damping_policy={damping_policy!r} has only one of init / value: a gn.DampingRule "
+                "needs init(lam0, dtype), value(state, count=None), update(state, rho, count=None) "
+                "and on_rejected(state); a stateless gn.DampingPolicy neither init nor value."
+            )
         if not isinstance(getattr(damping_policy, "uses_gain_ratio", None), bool):
             raise TypeError(
                 f"damping_policy={damping_policy!r} needs a boolean attribute uses_gain_ratio "
-                "(see gn.DampingPolicy)."
+                "(see gn.DampingRule)."
             )
         policy = damping_policy
     elif callable(damping_policy):
-        return ConstantDamping()
+        return ConstantDamping(schedule=damping_policy)
     else:
         raise ValueError(
             f"damping_policy={damping_policy!r} is not supported; use 'constant', 'adaptive', "
-            "gn.AdaptiveDamping(...), a gn.DampingPolicy or a schedule count -> λ."
+            "gn.AdaptiveDamping(...), a gn.DampingRule (or stateless gn.DampingPolicy) or a "
+            "schedule count -> λ."
         )
     if policy.uses_gain_ratio and callable(damping):
         raise ValueError(
             "damping_policy='adaptive' adapts λ itself: pass a number as damping (its start value), "
             "not a schedule."
         )
+    if isinstance(policy, ConstantDamping) and policy.schedule is None and callable(damping):
+        policy = ConstantDamping(schedule=damping)  # a constant rule given a λ schedule
     return policy
 
 
 def _line_search(line_search):
-    if line_search is None or isinstance(line_search, Armijo):
+    """A ``line_search`` argument: ``None`` (the fixed step), a :class:`~gaussnewton.StepSizeRule`
+    or a stateless :class:`~gaussnewton.LineSearch` (kept as given), or ``"armijo"``."""
+    if line_search is None or is_step_size_rule(line_search):
         return line_search
-    if hasattr(line_search, "search"):  # the gn.LineSearch protocol
+    if hasattr(line_search, "search"):  # the stateless gn.LineSearch protocol
         return line_search
     if line_search == "armijo":
         return Armijo()
     raise ValueError(
-        f"line_search={line_search!r} is not supported; use None, 'armijo' or gn.Armijo(...)."
+        f"line_search={line_search!r} is not supported; use None, 'armijo', gn.Armijo(...), "
+        "gn.FixedStep() or a gn.StepSizeRule."
     )
 
 
@@ -162,10 +176,14 @@ def make_method(
 
     ``direction_fn(fn, params, x, y, λ, key, method_state) -> gn.Direction`` (see
     :class:`~gaussnewton.Direction`; :func:`gaussnewton.linearize` gives the loss, ``g`` and the
-    VJP of the batch); the step size (``line_search``: ``None``, ``"armijo"`` or a
-    :class:`~gaussnewton.LineSearch`), the damping (``damping_policy``: ``"constant"``,
-    ``"adaptive"``, a schedule or a :class:`~gaussnewton.DampingPolicy`), momentum, ``tx`` and
-    the non-finite guard are the family's. Arguments are validated as in :func:`gaussnewton.egn`.
+    VJP of the batch); the step size (``line_search``: ``None``, ``"armijo"``, a
+    :class:`~gaussnewton.StepSizeRule` such as :class:`~gaussnewton.Armijo` or
+    :class:`~gaussnewton.FixedStep`, or a stateless :class:`~gaussnewton.LineSearch`), the
+    damping (``damping_policy``: ``"constant"``, ``"adaptive"``, a schedule, a
+    :class:`~gaussnewton.DampingRule` or a stateless :class:`~gaussnewton.DampingPolicy`),
+    momentum, ``tx`` and the non-finite guard are the family's; the rules' states live in
+    ``state.step_size`` and ``state.damping``. Arguments are validated as in
+    :func:`gaussnewton.egn`.
 
     Example (a damped gradient method, ``d = −∇L / (1 + λ)``):
         >>> import jax, jax.numpy as jnp

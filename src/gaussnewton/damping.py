@@ -1,4 +1,18 @@
-r"""Damping (λ) policies (METHODS §2.2): constant, a schedule of the step count, or adaptive.
+r"""Damping (λ) rules (METHODS §2.2): constant, a schedule of the step count, or adaptive.
+
+A damping rule is an ``init`` / ``update`` pair with its own state (the pattern of optax's
+transforms), the :class:`DampingRule` protocol::
+
+    state = rule.init(λ₀, dtype)                 # GaussNewtonState.damping
+    λ = rule.value(state, count)                 # the λ of this step (count: accepted steps)
+    state_kept = rule.update(state, ρ, count=count)
+    state_rejected = rule.on_rejected(state)     # the step loop keeps one of the two
+
+``ρ`` is the gain ratio below when ``rule.uses_gain_ratio``, else NaN (not computed). The built-in
+rules keep λ itself as their state (a scalar in the parameters' float dtype):
+:class:`AdaptiveDamping` (the gain-ratio rule), :class:`ConstantDamping` (a number, or a schedule
+``count -> λ``, whose state is the last λ applied). The stateless form of the protocol,
+:class:`DampingPolicy` (``update(λ, ρ)``, ``on_rejected(λ)``), is still accepted; its state is λ.
 
 Adaptive (Levenberg-Marquardt gain ratio) on the same batch, with ``Δ`` the applied update:
 
@@ -21,27 +35,83 @@ float32 run (MLP 8-32-32-1, b = 64) ended with its mini-batch loss 1.9x above it
 ``benchmarks/damping_floor.py``).
 
 Example:
+    >>> import jax.numpy as jnp
     >>> import gaussnewton as gn
-    >>> policy = gn.AdaptiveDamping(increase=1.5, decrease=2 / 3, min=1e-6, max=1e4)
+    >>> rule = gn.AdaptiveDamping(increase=1.5, decrease=2 / 3, min=1e-6, max=1e4)
+    >>> state = rule.init(1e-3, jnp.float32)
+    >>> state = rule.update(state, jnp.float32(0.9))  # ρ > 3/4: λ ← λ · 2/3
+    >>> round(float(rule.value(state)), 7)
+    0.0006667
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Protocol
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["AdaptiveDamping", "ConstantDamping", "DampingPolicy", "gain_ratio"]
+__all__ = [
+    "AdaptiveDamping",
+    "ConstantDamping",
+    "DampingPolicy",
+    "DampingRule",
+    "as_damping_rule",
+    "gain_ratio",
+]
+
+PyTree = Any
+
+
+class DampingRule(Protocol):
+    """The damping protocol: an ``init`` / ``update`` pair with its own state.
+
+    ``uses_gain_ratio`` (a class-level bool): whether the step must compute ``ρ`` (one loss value,
+    reused from the line search, and the model's predicted decrease); without it ``ρ`` is NaN.
+    ``init(lam0, dtype)`` gives the first state (a pytree; it becomes ``GaussNewtonState.damping``)
+    from the ``damping`` argument at step 0 and the parameters' float dtype.
+    ``value(state, count=None)`` is the λ of the step at ``count`` accepted steps (a scalar
+    array); with ``count=None`` the λ the state holds (reported as ``StepInfo.next_damping``).
+    ``update(state, rho, count=None)`` is the state kept after an accepted step at ``count``;
+    ``on_rejected(state)`` the state kept after a rejected one (METHODS §6). All run inside
+    ``jit``; the state's structure, shapes and dtypes must not change between steps.
+
+    Example (λ halved after each accepted step, ×4 after a rejected one; state ``(λ, rejections)``;
+    ``tests/test_custom_method.py`` runs rules like it):
+        >>> import jax.numpy as jnp
+        >>> import gaussnewton as gn
+        >>> class HalvingWithCount:
+        ...     uses_gain_ratio = False
+        ...     def init(self, lam0, dtype): return (jnp.asarray(lam0, dtype), jnp.int32(0))
+        ...     def value(self, state, count=None): return state[0]
+        ...     def update(self, state, rho, count=None): return (state[0] / 2, state[1])
+        ...     def on_rejected(self, state): return (4 * state[0], state[1] + 1)
+        >>> opt = gn.egn(lambda p, x: x @ p, loss="squared_error", damping_policy=HalvingWithCount())
+        >>> state = opt.init(jnp.zeros(3, jnp.float32))
+        >>> float(opt.damping_rule.value(state.damping)), int(state.damping[1])
+        (0.0010000000474974513, 0)
+    """
+
+    uses_gain_ratio: bool
+
+    def init(self, lam0: Any, dtype: Any) -> PyTree: ...
+
+    def value(self, state: PyTree, count: jax.Array | None = None) -> jax.Array: ...
+
+    def update(self, state: PyTree, rho: jax.Array, count: jax.Array | None = None) -> PyTree: ...
+
+    def on_rejected(self, state: PyTree) -> PyTree: ...
 
 
 class DampingPolicy(Protocol):
-    """The damping protocol: what the step loop asks of a λ policy.
+    """The stateless damping protocol: the state is λ itself.
 
-    ``uses_gain_ratio``: whether the step must compute ``ρ`` (one loss value, reused from the line
-    search, and the model's predicted decrease); ``update(λ, ρ)`` gives the next λ after an accepted
-    step; ``on_rejected(λ)`` the λ after a rejected (non-finite) step.
+    ``uses_gain_ratio``: whether the step must compute ``ρ``; ``update(λ, ρ)`` gives the next λ
+    after an accepted step; ``on_rejected(λ)`` the λ after a rejected (non-finite) step. Still
+    accepted wherever a :class:`DampingRule` is (:func:`as_damping_rule`); with a schedule as
+    ``damping`` and ``uses_gain_ratio = False`` the λ of a step is the schedule's.
     """
 
     uses_gain_ratio: bool
@@ -58,7 +128,20 @@ def gain_ratio(actual: jax.Array, predicted: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaptiveDamping:
+class _ScalarDamping:
+    """A :class:`DampingRule` whose state is λ itself (a scalar in the parameters' dtype)."""
+
+    def init(self, lam0: Any, dtype: Any) -> jax.Array:
+        """The first state: ``λ₀`` in ``dtype``."""
+        return jnp.asarray(lam0, dtype)
+
+    def value(self, state: jax.Array, count: jax.Array | None = None) -> jax.Array:
+        """λ: the state."""
+        return state
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveDamping(_ScalarDamping):
     """Gain-ratio (trust-region style) λ update; see the module docstring.
 
     Fields: ``increase`` (``ρ < lower``, > 1), ``decrease`` (``ρ > upper``, in (0, 1)), the clamp
@@ -101,8 +184,9 @@ class AdaptiveDamping:
                 f"AdaptiveDamping(lower={self.lower!r}, upper={self.upper!r}): need lower <= upper."
             )
 
-    def update(self, lam: jax.Array, rho: jax.Array) -> jax.Array:
-        """The next λ from the gain ratio ``rho`` (``−inf``/NaN count as failures)."""
+    def update(self, lam: jax.Array, rho: jax.Array, count: jax.Array | None = None) -> jax.Array:
+        """The next λ from the gain ratio ``rho`` (``−inf``/NaN count as failures; ``count``
+        unused)."""
         fail = jnp.logical_not(rho >= self.lower)
         factor = jnp.where(fail, self.increase, jnp.where(rho > self.upper, self.decrease, 1.0))
         return self._clamp(lam * factor)
@@ -121,16 +205,87 @@ class AdaptiveDamping:
 
 
 @dataclasses.dataclass(frozen=True)
-class ConstantDamping:
-    """Constant λ or an optax-style schedule ``count -> λ`` (no adaptation, ``ρ`` not computed)."""
+class ConstantDamping(_ScalarDamping):
+    """Constant λ, or an optax-style ``schedule(count) -> λ`` (no adaptation, ``ρ`` not computed).
 
+    The state is λ: the constant, or with a schedule the λ of the last accepted step
+    (``schedule(0)`` at first); the λ of a step is ``schedule(count)`` (``count``: accepted steps).
+    ``damping_policy="constant"`` with a schedule as ``damping`` (or a schedule as
+    ``damping_policy``) is ``ConstantDamping(schedule)``.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> import gaussnewton as gn
+        >>> rule = gn.ConstantDamping(optax.exponential_decay(1.0, 1, 0.5))
+        >>> state = rule.init(1.0, jnp.float32)  # schedule(0) = 1
+        >>> float(rule.value(state, jnp.asarray(2)))  # λ of the step after 2 accepted steps
+        0.25
+    """
+
+    schedule: Callable[[jax.Array], Any] | None = None
     uses_gain_ratio: ClassVar[bool] = False
 
-    def update(self, lam: jax.Array, rho: jax.Array) -> jax.Array:
-        return lam
+    def init(self, lam0: Any, dtype: Any) -> jax.Array:
+        """The first state: ``λ₀`` (``schedule(0)`` with a schedule) in ``dtype``."""
+        if self.schedule is not None:
+            lam0 = self.schedule(jnp.zeros((), jnp.int32))
+        return jnp.asarray(lam0, dtype)
+
+    def value(self, state: jax.Array, count: jax.Array | None = None) -> jax.Array:
+        """λ of the step at ``count``: ``schedule(count)``, or the state (no schedule, or
+        ``count=None``)."""
+        if self.schedule is None or count is None:
+            return state
+        return jnp.asarray(self.schedule(count), jnp.result_type(state))
+
+    def update(self, lam: jax.Array, rho: jax.Array, count: jax.Array | None = None) -> jax.Array:
+        """The λ applied at ``count`` (unchanged without a schedule)."""
+        return self.value(lam, count)
 
     def on_rejected(self, lam: jax.Array) -> jax.Array:
+        """A rejected step leaves λ unchanged."""
         return lam
 
 
 _Fixed = ConstantDamping  # the former private name
+
+
+@dataclasses.dataclass(frozen=True)
+class _StatelessDamping(_ScalarDamping):
+    """A stateless :class:`DampingPolicy` as a :class:`DampingRule` (state λ; with a schedule and
+    no gain ratio the λ of a step is ``schedule(count)``)."""
+
+    policy: DampingPolicy
+    schedule: Callable[[jax.Array], Any] | None = None
+
+    @property
+    def uses_gain_ratio(self) -> bool:
+        return self.policy.uses_gain_ratio
+
+    def value(self, state, count=None):
+        if self.schedule is None or count is None or self.uses_gain_ratio:
+            return state
+        return jnp.asarray(self.schedule(count), jnp.result_type(state))
+
+    def update(self, state, rho, count=None):
+        lam = self.value(state, count)
+        return jnp.asarray(self.policy.update(lam, rho), jnp.result_type(state))
+
+    def on_rejected(self, state):
+        return jnp.asarray(self.policy.on_rejected(state), jnp.result_type(state))
+
+
+def is_damping_rule(obj: Any) -> bool:
+    """Whether ``obj`` has the :class:`DampingRule` methods (``init``, ``value``, ``update``,
+    ``on_rejected``)."""
+    names = ("init", "value", "update", "on_rejected")
+    return all(callable(getattr(obj, name, None)) for name in names)
+
+
+def as_damping_rule(policy: DampingRule | DampingPolicy, damping: Any = None) -> DampingRule:
+    """The :class:`DampingRule` of a ``damping_policy`` object: a rule itself, or a stateless
+    :class:`DampingPolicy` wrapped with the state λ (``damping``, when a schedule, gives the λ of
+    each step of a policy without the gain ratio)."""
+    if is_damping_rule(policy):
+        return policy
+    return _StatelessDamping(policy, damping if callable(damping) else None)

@@ -17,11 +17,11 @@ from gaussnewton import _validate as v
 from gaussnewton._family import assemble, check_axis_name, check_common
 from gaussnewton._sharding import BatchAxis
 from gaussnewton._tree import tree_vdot, tree_zeros_like
-from gaussnewton.damping import AdaptiveDamping
+from gaussnewton.damping import DampingPolicy, DampingRule
 from gaussnewton.directions import CURVATURES, linearize_and_solve
 from gaussnewton.gram import strategy_name
 from gaussnewton.linearization import with_output_axis
-from gaussnewton.linesearch import Armijo
+from gaussnewton.linesearch import LineSearch, StepSizeRule
 from gaussnewton.losses import LossLike, get_loss
 from gaussnewton.optimizer import GaussNewtonOptimizer, Linearization, Schedule, quad_from_factor
 from gaussnewton.solvers import as_solver
@@ -35,8 +35,8 @@ def egn(
     loss: LossLike,
     learning_rate: float | Schedule = 1.0,
     damping: float | Schedule = 1e-3,
-    damping_policy: str | AdaptiveDamping | Schedule = "adaptive",
-    line_search: str | Armijo | None = "armijo",
+    damping_policy: str | DampingRule | DampingPolicy | Schedule = "adaptive",
+    line_search: str | StepSizeRule | LineSearch | None = "armijo",
     momentum: float = 0.0,
     tx: optax.GradientTransformation | None = None,
     gram: str | Callable = "auto",
@@ -67,8 +67,12 @@ def egn(
         learning_rate: step size ``α`` (or ``α_max`` with a line search); number or schedule.
         damping: ``λ`` (start value for adaptive damping); number or schedule of the step count.
         damping_policy: ``"adaptive"`` (default, the gain-ratio rule), ``"constant"``,
-            :class:`~gaussnewton.AdaptiveDamping`, or a schedule ``count -> λ``.
-        line_search: ``"armijo"`` (default), :class:`~gaussnewton.Armijo` or ``None`` (fixed step).
+            :class:`~gaussnewton.AdaptiveDamping`, :class:`~gaussnewton.ConstantDamping`, a
+            schedule ``count -> λ``, or any :class:`~gaussnewton.DampingRule` (its state is
+            ``state.damping``).
+        line_search: ``"armijo"`` (default), :class:`~gaussnewton.Armijo`, ``None`` (the fixed
+            step, :class:`~gaussnewton.FixedStep`) or any :class:`~gaussnewton.StepSizeRule` (its
+            state is ``state.step_size``).
             With ``damping_policy="constant"``, ``line_search=None``, ``momentum=0`` and ``tx=None``
             one step is exactly ``params + learning_rate * egn_direction(...)``.
         momentum: ``β ∈ [0, 1)`` of the bias-corrected direction average.

@@ -30,7 +30,13 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from gaussnewton.optimizer import GaussNewtonOptimizer, GaussNewtonState, StepInfo, empty_info
+from gaussnewton.optimizer import (
+    GaussNewtonOptimizer,
+    GaussNewtonState,
+    StepInfo,
+    empty_info,
+    state_dtype,
+)
 
 __all__ = ["as_optax", "GaussNewtonTransformState"]
 
@@ -57,7 +63,7 @@ def as_optax(
 
     def init_fn(params: Any) -> GaussNewtonTransformState:
         inner = optimizer.init(params, key)
-        return GaussNewtonTransformState(inner, empty_info(inner.damping.dtype))
+        return GaussNewtonTransformState(inner, empty_info(state_dtype(params)))
 
     def update_fn(updates, state, params=None, *, x=None, y=None, key=None, **extra_args):
         del updates, extra_args

@@ -3,11 +3,20 @@ r"""The ``init`` / ``step`` optimizers (EGN and the shared machinery of the fami
 One step reads top to bottom (docs/ARCHITECTURE.md):
 
     batch (x, y[, key, model state]) → the model bound to this step's state and key (one function)
+      → λ = damping.value(state.damping, count)                                  (DampingRule)
       → outputs, loss, g, S → Gram → row-space solve → one VJP back             (direction_fn)
-      → momentum / optax chain on d → step size (fixed | Armijo) → damping (ρ) → update, info
+      → momentum / optax chain on d
+      → α, L(w + αd) = step_size.update(state.step_size, ...)                  (StepSizeRule)
+      → ρ (if the damping rule uses it) → damping.update(state.damping, ρ)
+      → guard → update, the kept (or on_rejected) states, info
 
-A step is rejected — ``params``, the optimizer state and the model state unchanged (λ grows under
-adaptive damping), ``info.rejected`` set — when the loss, gradient, direction or update is not
+The step-size and damping rules are protocols with their own state (``GaussNewtonState.step_size``
+and ``GaussNewtonState.damping``; for the built-in rules ``α_prev`` and λ, scalars): the loop
+composes any direction with any rule through :class:`~gaussnewton.StepSizeRule` and
+:class:`~gaussnewton.DampingRule` and switches on none of them.
+
+A step is rejected — ``params``, the optimizer state and the model state unchanged except that each
+rule keeps its ``on_rejected(state)`` (λ grows under adaptive damping), ``info.rejected`` set — when the loss, gradient, direction or update is not
 finite, when the loss at the new point is not finite (no finite trial point: never a step into a
 NaN region), when a line search found no acceptable step and its last trial raises the loss, or
 when the labels are invalid (METHODS §6).
@@ -34,9 +43,9 @@ from gaussnewton._tree import (
     tree_zeros_like,
 )
 from gaussnewton._validate import check_params
-from gaussnewton.damping import DampingPolicy, gain_ratio
+from gaussnewton.damping import DampingPolicy, DampingRule, as_damping_rule, gain_ratio
 from gaussnewton.linearization import with_output_axis
-from gaussnewton.linesearch import LineSearch
+from gaussnewton.linesearch import LineSearch, StepSizeRule, as_step_size_rule
 from gaussnewton.losses import Loss, project
 from gaussnewton.model import Model, as_model
 
@@ -84,8 +93,14 @@ def empty_info(dtype: Any = jnp.float32) -> StepInfo:
 class GaussNewtonState(NamedTuple):
     """Optimizer state (a pytree). ``count`` counts accepted steps.
 
-    ``model_state`` is the state of a :class:`~gaussnewton.Model` with ``has_state=True`` (e.g. batch
-    norm running statistics), updated by every accepted step; ``None`` for stateless models.
+    ``damping`` is the state of the damping rule (:class:`~gaussnewton.DampingRule`; for the
+    built-in rules λ itself, a scalar: ``float(state.damping)``) and ``step_size`` the state of
+    the step-size rule (:class:`~gaussnewton.StepSizeRule`; for :class:`~gaussnewton.Armijo`
+    ``α_prev``, the step the next search starts from, and for the fixed step the last ``α``).
+    A custom rule's state is any pytree; ``opt.damping_rule.value(state.damping, state.count)``
+    reads its λ. ``model_state`` is the state of a :class:`~gaussnewton.Model` with
+    ``has_state=True`` (e.g. batch norm running statistics), updated by every accepted step;
+    ``None`` for stateless models.
     """
 
     count: jax.Array
@@ -156,9 +171,10 @@ class GaussNewtonOptimizer:
     loss: Loss
     direction_fn: DirectionFn
     learning_rate: float | Schedule
+    #: λ₀ (or the schedule) given to ``damping_policy.init``
     damping: float | Schedule
-    damping_policy: DampingPolicy
-    line_search: LineSearch | None
+    damping_policy: DampingRule | DampingPolicy
+    line_search: StepSizeRule | LineSearch | None
     momentum: float
     tx: optax.GradientTransformation | None
     name: str = "egn"
@@ -181,6 +197,16 @@ class GaussNewtonOptimizer:
         """``model_fn`` as a :class:`~gaussnewton.Model`."""
         return as_model(self.model_fn)
 
+    @property
+    def step_size_rule(self) -> StepSizeRule:
+        """``line_search`` as a :class:`~gaussnewton.StepSizeRule` (``None``: the fixed step)."""
+        return as_step_size_rule(self.line_search)
+
+    @property
+    def damping_rule(self) -> DampingRule:
+        """``damping_policy`` as a :class:`~gaussnewton.DampingRule`."""
+        return as_damping_rule(self.damping_policy, self.damping)
+
     def init(
         self, params: PyTree, key: jax.Array | None = None, model_state: PyTree = None
     ) -> GaussNewtonState:
@@ -191,16 +217,14 @@ class GaussNewtonOptimizer:
         its ``initial_state``).
         """
         check_params(params)
-        dt = jnp.result_type(
-            jnp.float32, *(leaf.dtype for leaf in jax.tree_util.tree_leaves(params))
-        )
+        dt = state_dtype(params)
         zero = jnp.zeros((), jnp.int32)
         lam0 = _as_schedule(self.damping)(zero)
         lr0 = _as_schedule(self.learning_rate)(zero)
         return GaussNewtonState(
             count=zero,
-            damping=jnp.asarray(lam0, dt),
-            step_size=jnp.asarray(lr0, dt),
+            damping=self.damping_rule.init(lam0, dt),
+            step_size=self.step_size_rule.init(lr0, dt),
             momentum=tree_zeros_like(params) if self.momentum else (),
             tx_state=self.tx.init(params) if self.tx is not None else (),
             key=_raw_key(key),
@@ -226,29 +250,31 @@ class GaussNewtonOptimizer:
         mesh axis and ``params``, ``state`` replicated: losses, gradients, the direction and the
         update are those of the whole batch, identical on every device.
         """
-        dt = state.damping.dtype
+        dt = state_dtype(params)
+        damping, step_size = self.damping_rule, self.step_size_rule
         key, next_key = self._keys(state, key)
         fn, model_state = self._bind_model(params, x, state.model_state, key)
-        lam = self._damping_now(state)
+        lam = jnp.asarray(damping.value(state.damping, state.count), dt)
         lin = self.direction_fn(fn, params, x, y, lam, key, state.method_state)
-        d, momentum = self._apply_momentum(lin.direction, state)
+        d, momentum = self._apply_momentum(lin.direction, state, dt)
         d, tx_state = self._apply_tx(d, state.tx_state, params)
         slope = tree_vdot(lin.grad, d).astype(dt)
         loss_at = self._loss_along(fn, params, d, x, y)
-        alpha, loss_after, trials, accepted, next_alpha = self._step_size(
-            loss_at, lin.loss, slope, state
+        alpha_max = jnp.asarray(_as_schedule(self.learning_rate)(state.count), dt)
+        search, step_size_state = step_size.update(
+            state.step_size, lambda a: loss_at(a).astype(dt), lin.loss.astype(dt), slope, alpha_max
         )
-        delta = tree_scale(alpha.astype(dt), d)
-        if self.rho_at == "full_step":  # ρ of α_max d, whatever the line search accepted
-            a_full = jnp.asarray(_as_schedule(self.learning_rate)(state.count), dt)
-            loss_full = jax.lax.cond(
-                alpha == a_full, lambda: loss_after, lambda: loss_at(a_full).astype(dt)
+        alpha, loss_after = jnp.asarray(search.step_size, dt), jnp.asarray(search.loss, dt)
+        delta = tree_scale(alpha, d)
+        rho = jnp.asarray(jnp.nan, dt)  # not computed: the rule does not use it
+        if damping.uses_gain_ratio and self.rho_at == "full_step":  # ρ of α_max d, whatever
+            loss_full = jax.lax.cond(  # the line search accepted (the SGN authors' rule)
+                alpha == alpha_max, lambda: loss_after, lambda: loss_at(alpha_max).astype(dt)
             )
-            rho, lam_next = self._next_damping(
-                lam, lin, tree_scale(a_full, d), slope * a_full, loss_full
-            )
-        else:
-            rho, lam_next = self._next_damping(lam, lin, delta, slope * alpha, loss_after)
+            rho = _gain_ratio(lin, tree_scale(alpha_max, d), slope * alpha_max, loss_full, dt)
+        elif damping.uses_gain_ratio:
+            rho = _gain_ratio(lin, delta, slope * alpha, loss_after, dt)
+        damping_state = damping.update(state.damping, rho, count=state.count)
         new_params = tree_axpy(1.0, delta, params)
 
         ok = (
@@ -258,35 +284,38 @@ class GaussNewtonOptimizer:
             & tree_all_finite(new_params)
             & jnp.isfinite(loss_after)  # never a step into a non-finite region
             & jnp.asarray(lin.labels_ok, bool)
-            # a line search that found no acceptable step and would raise the loss (beyond
+            # a search that found no acceptable step and would raise the loss (beyond
             # rounding, √ε relative: a converged step may differ from L(w) by an ulp): rejected
-            & (jnp.asarray(accepted) | (loss_after <= _with_rounding(lin.loss.astype(dt))))
+            & (jnp.asarray(search.accepted) | (loss_after <= _with_rounding(lin.loss.astype(dt))))
         )
         new_state = GaussNewtonState(
             count=state.count + 1,
-            damping=lam_next,
-            step_size=next_alpha.astype(dt),
+            damping=damping_state,
+            step_size=step_size_state,
             momentum=momentum,
             tx_state=tx_state,
             key=next_key,
             method_state=lin.method_state if lin.after_step is None else lin.after_step(delta),
             model_state=model_state,
         )
-        rejected_state = state._replace(damping=self.damping_policy.on_rejected(state.damping))
+        rejected_state = state._replace(
+            damping=damping.on_rejected(state.damping),
+            step_size=step_size.on_rejected(state.step_size),
+        )
         out_params = tree_select(ok, new_params, params)
         out_state = tree_select(ok, new_state, rejected_state)
         info = StepInfo(
             loss=lin.loss.astype(dt),
-            loss_after=jnp.asarray(loss_after, dt),
+            loss_after=loss_after,
             grad_norm=tree_norm(lin.grad).astype(dt),
             direction_norm=tree_norm(d).astype(dt),
             directional_derivative=slope,
             damping=lam,
-            next_damping=out_state.damping,
-            step_size=alpha.astype(dt),
-            ls_trials=jnp.asarray(trials, jnp.int32),
-            ls_accepted=jnp.asarray(accepted),
-            rho=jnp.asarray(rho, dt),
+            next_damping=jnp.asarray(damping.value(out_state.damping), dt),
+            step_size=alpha,
+            ls_trials=jnp.asarray(search.trials, jnp.int32),
+            ls_accepted=jnp.asarray(search.accepted),
+            rho=rho,
             cg_iters=jnp.asarray(lin.cg_iters, jnp.int32),
             cg_residual=jnp.asarray(lin.cg_residual, dt),
             rejected=jnp.logical_not(ok),
@@ -314,12 +343,7 @@ class GaussNewtonOptimizer:
             model_state = _mean_floats(self.batch_axis, model_state)
         return fn, model_state
 
-    def _damping_now(self, state):
-        if self.damping_policy.uses_gain_ratio or not callable(self.damping):
-            return state.damping
-        return jnp.asarray(self.damping(state.count), state.damping.dtype)
-
-    def _apply_momentum(self, d, state):
+    def _apply_momentum(self, d, state, dt):
         """Bias-corrected average ``m_t = β m + (1 − β) d``, ``d̂ = m_t / (1 − βᵗ)``."""
         if not self.momentum:
             return d, ()
@@ -327,7 +351,7 @@ class GaussNewtonOptimizer:
         m = jax.tree_util.tree_map(
             lambda mo, di: (beta * mo + (1 - beta) * di).astype(di.dtype), state.momentum, d
         )
-        t = (state.count + 1).astype(state.damping.dtype)
+        t = (state.count + 1).astype(dt)
         return tree_scale(1.0 / (1.0 - beta**t), m), m
 
     def _apply_tx(self, d, tx_state, params):
@@ -349,30 +373,18 @@ class GaussNewtonOptimizer:
 
         return loss_at
 
-    def _step_size(self, loss_at, loss0, slope, state):
-        """(α, L(w + αd), trials, accepted, α stored for the next step).
 
-        Without a line search ``L(w + αd)`` is still evaluated (one forward pass): the step guard
-        rejects a step into a non-finite region and the gain ratio reuses it.
-        """
-        dt = state.damping.dtype
-        alpha_max = jnp.asarray(_as_schedule(self.learning_rate)(state.count), dt)
-        if self.line_search is None:
-            return alpha_max, loss_at(alpha_max).astype(dt), 0, True, alpha_max
-        res = self.line_search.search(
-            lambda a: loss_at(a).astype(dt), loss0.astype(dt), slope, state.step_size, alpha_max
-        )
-        return res.step_size, res.loss, res.trials, res.accepted, res.next_step_size
+def state_dtype(params: PyTree) -> Any:
+    """The float dtype of the optimizer's scalars (λ, α, losses in ``StepInfo``): that of the
+    parameters, at least float32 (bfloat16 parameters get float32 scalars)."""
+    return jnp.result_type(jnp.float32, *(leaf.dtype for leaf in jax.tree_util.tree_leaves(params)))
 
-    def _next_damping(self, lam, lin, delta, lin_decrease, loss_after):
-        """ρ and the next λ (adaptive only; a fixed policy reports ρ = NaN)."""
-        if not self.damping_policy.uses_gain_ratio:  # ρ not computed: the policy sees NaN
-            nan = jnp.asarray(jnp.nan, lam.dtype)
-            return nan, jnp.asarray(self.damping_policy.update(lam, nan), lam.dtype)
-        actual = (loss_after - lin.loss).astype(lam.dtype)
-        predicted = (lin_decrease + lin.quad(delta)).astype(lam.dtype)
-        rho = gain_ratio(actual, predicted)
-        return rho, self.damping_policy.update(lam, rho)
+
+def _gain_ratio(lin: Direction, delta: PyTree, lin_decrease, loss_after, dt) -> jax.Array:
+    """ρ of the update ``Δ``: ``(L(w + Δ) − L(w)) / (∇LᵀΔ + ½ΔᵀHΔ)`` (METHODS §2.2)."""
+    actual = (loss_after - lin.loss).astype(dt)
+    predicted = (lin_decrease + lin.quad(delta)).astype(dt)
+    return gain_ratio(actual, predicted)
 
 
 def _mean_floats(axis: BatchAxis, tree: PyTree) -> PyTree:
