@@ -11,7 +11,13 @@ from gaussnewton.damping import AdaptiveDamping, ConstantDamping, DampingPolicy,
 from gaussnewton.directions import DirectionInfo, egn_direction
 from gaussnewton.dual import dual_gn, dual_gn_transform
 from gaussnewton.egn import egn
-from gaussnewton.gram import empirical_ntk, register_strategy
+from gaussnewton.gram import (
+    GramRule,
+    empirical_ntk,
+    register_rule,
+    register_strategy,
+    unregister_rule,
+)
 from gaussnewton.gram.structured import explain as explain_gram
 from gaussnewton.gram_gauss_newton import gram_gauss_newton
 from gaussnewton.ignd import ignd
@@ -51,6 +57,7 @@ __all__ = [
     "FixedStep",
     "GaussNewtonOptimizer",
     "GaussNewtonState",
+    "GramRule",
     "LineSearch",
     "LineSearchResult",
     "Loss",
@@ -79,7 +86,9 @@ __all__ = [
     "ignd",
     "linearize",
     "make_method",
+    "register_rule",
     "register_strategy",
     "sgn",
     "sqn",
+    "unregister_rule",
 ]

@@ -49,6 +49,7 @@ from gaussnewton.gram._whole import (
     whole_batch_factors,
     whole_batch_gram,
 )
+from gaussnewton.gram.structured import GramRule, register_rule, unregister_rule
 from gaussnewton.gram.structured._assemble import structured_factors, structured_gram
 
 PyTree = Any
@@ -75,6 +76,9 @@ __all__ = [
     "batch_coupling",
     "PER_EXAMPLE",
     "WHOLE_BATCH",
+    "GramRule",
+    "register_rule",
+    "unregister_rule",
 ]
 
 #: the exact strategy for batch-coupled models: the Jacobian of the batched function

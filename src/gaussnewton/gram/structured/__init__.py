@@ -2,7 +2,11 @@
 
 The model is traced (per example) to a jaxpr; every parameter leaf is followed through views
 (reshape, transpose, convert, broadcast, slice) to its uses, and calls (jit/pjit, closed_call,
-checkpoint) are inlined. Rules, per leaf:
+checkpoint) are inlined. Each use is matched by a *rule*, one small class per primitive family
+(:class:`GramRule`: its analysis ``match``, its factored ``form`` and flop model ``cost``, its
+assembly ``activation`` / ``factor`` / ``block``), looked up in a registry that
+:func:`register_rule` extends (``_rules.py``, ``_dense.py``, ``_embedding.py``,
+``_registry.py``). The built-in rules, per leaf:
 
 * dense (``dot_general``, any layout, positions ``t``): ``sum_{t,s} (a_t . a_s)(G_t . G_s)`` with
   ``G = df/dz`` from zero probes on ``z`` and one backward pass per output column (vmapped);
@@ -29,6 +33,7 @@ Public:
   structured_gram(model_fn, params, x1, x2=None) -> K (n1, k, n2, k)
   structured_factors(model_fn, params, x) -> (F, block)   (blocks of one Gram, passes run once)
   explain(model_fn, params, x1, x2=None) -> {leaf name: LeafPlan}   (introspection)
+  GramRule, register_rule(rule), unregister_rule(name)   (a new primitive family: one class)
 
 Example:
     >>> import jax.numpy as jnp
@@ -53,10 +58,22 @@ import jax.numpy as jnp
 from .. import _whole
 from .._coupling import Coupling, batch_coupling
 from . import _assemble
+from ._analysis import Use
 from ._assemble import _batch_size, make_plan
 from ._cost import DENSE_METHODS, NONE, LeafPlan
+from ._registry import register_rule, unregister_rule
+from ._rules import GramRule
 
-__all__ = ["LeafPlan", "explain", "structured_factors", "structured_gram"]
+__all__ = [
+    "GramRule",
+    "LeafPlan",
+    "Use",
+    "explain",
+    "register_rule",
+    "structured_factors",
+    "structured_gram",
+    "unregister_rule",
+]
 
 
 def _limit() -> int:
@@ -107,12 +124,13 @@ def explain(
 ) -> dict[str, LeafPlan]:
     """Report, per parameter leaf (by key path), the rule :func:`structured_gram` uses.
 
-    ``LeafPlan.rule`` is the recognized rule (``"dense"``, ``"bias"``, ``"scale"``, ``"conv"``,
-    ``"embedding"``, ``"mixed"``) or ``"fallback"`` (an unrecognized use, see ``reason``),
-    ``"unused"``, ``"non-float"``; ``LeafPlan.method`` is ``"factored"`` (the dense, conv or
-    embedding rule, or a bias merged into one), ``"per-example-gradient"`` (that leaf's
-    per-example gradients) or ``"none"``. ``cost_dense`` / ``cost_pergrad`` are the flop
-    estimates compared under ``dense_method="auto"``.
+    ``LeafPlan.rule`` is the name of the recognized rule (built in: ``"dense"``, ``"bias"``,
+    ``"scale"``, ``"conv"``, ``"embedding"``; or one added by :func:`register_rule`),
+    ``"mixed"`` (uses of several rules) or ``"fallback"`` (an unrecognized use, see ``reason``),
+    ``"unused"``, ``"non-float"``; ``LeafPlan.method`` is ``"factored"`` (a rule's factored
+    form: the dense, conv or embedding rule, or a bias merged into one), ``"per-example-gradient"``
+    (that leaf's per-example gradients) or ``"none"``. ``cost_dense`` / ``cost_pergrad`` are the
+    flop estimates (:meth:`GramRule.cost`) compared under ``dense_method="auto"``.
 
     For a batch-coupled model (:func:`gaussnewton.gram.batch_coupling`) every float leaf reports
     ``method="whole-batch-jacobian"`` (or ``"whole-batch-matvec"`` above the Jacobian byte limit),

@@ -3,7 +3,9 @@
 A parameter leaf flows forward through *view* equations (reshape, transpose, broadcast, convert,
 slice, ...). We follow it with an integer *index array*: the view applied to
 ``arange(P).reshape(leaf.shape)``, so that a derived value ``W'`` satisfies
-``W'[...] = W.ravel()[index[...]]``. The first non-view equation that consumes ``W'`` is a *use*:
+``W'[...] = W.ravel()[index[...]]``. The first non-view equation that consumes ``W'`` is a *use*
+when exactly one of its operands derives from one leaf and a registered rule matches it
+(``_registry.find_rule``: the rule's ``primitives`` and ``match(eqn, operand)``); the built-ins:
 
 * ``dot_general`` with exactly one parameter-derived operand  -> ``"dense"``
 * ``add`` / ``sub`` with the parameter-derived operand         -> ``"bias"``
@@ -12,7 +14,8 @@ slice, ...). We follow it with an integer *index array*: the view applied to
 * ``gather`` from a parameter-derived table                     -> ``"embedding"``
 
 Anything else (scan/while/cond bodies, custom_jvp/custom_vjp calls, both operands derived from
-parameters, a parameter returned as output, unusual primitives) marks the leaf ``"fallback"``.
+parameters, a parameter returned as output, primitives no rule matches) marks the leaf
+``"fallback"``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import numpy as np
 from jax.extend.core import Jaxpr, Literal
 
 from ._jaxpr import Path, sub_jaxpr
+from ._registry import find_rule, producer_primitives
 
 _IDENTITY_VIEWS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
-_BIAS = frozenset({"add", "add_any", "sub"})
 
 
 @dataclass
@@ -34,7 +37,8 @@ class Use:
     """One equation that consumes a parameter leaf (through views).
 
     Attributes:
-      kind: "dense" | "bias" | "scale" | "conv" | "embedding".
+      kind: the name of the rule that matched (built in: "dense", "bias", "scale", "conv",
+        "embedding").
       path: the equation's path in the (inlined) jaxpr.
       operand: position of the parameter-derived operand among the equation's inputs.
       index: integer index array (shape of the operand) into the flattened leaf.
@@ -42,10 +46,10 @@ class Use:
       out_shape: per-example shape of the equation's output.
       other_shape: per-example shape of the other operand (the activation of a dense use, the
         input ``lhs`` of a conv use).
-      other_producer: path of the ``dot_general`` or ``conv_general_dilated`` (same scope) whose
-        output, possibly through single-consumer transposes / reshapes (``other_chain``), is the
-        other operand and has no other consumer: lets a bias merge into the dense / conv rule
-        before it.
+      other_producer: path of an equation of some rule's ``producers`` (``dot_general``,
+        ``conv_general_dilated``; same scope) whose output, possibly through single-consumer
+        transposes / reshapes (``other_chain``), is the other operand and has no other consumer:
+        lets a bias merge into the dense / conv rule before it.
       other_chain: those views, as ``(primitive name, params, input shape)``.
     """
 
@@ -110,22 +114,6 @@ def _view(name: str, params: dict, idx: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _classify(name: str, operand: int, n_derived: int) -> str | None:
-    if n_derived != 1:
-        return None
-    if name == "dot_general":
-        return "dense"
-    if name in _BIAS:
-        return "bias"
-    if name == "mul":
-        return "scale"
-    if name == "conv_general_dilated" and operand == 1:
-        return "conv"
-    if name == "gather" and operand == 0:
-        return "embedding"
-    return None
-
-
 def analyze(jaxpr: Jaxpr, num_params: int, differentiable: list[bool]) -> list[LeafUses]:
     """Find the uses of every parameter leaf (the first ``num_params`` invars of ``jaxpr``).
 
@@ -138,7 +126,7 @@ def analyze(jaxpr: Jaxpr, num_params: int, differentiable: list[bool]) -> list[L
             size = int(np.prod(v.aval.shape, dtype=np.int64))
             dtype = np.int32 if size < 2**31 else np.int64
             origin[v] = (p, np.arange(size, dtype=dtype).reshape(v.aval.shape))
-    _analyze(jaxpr, origin, result, ())
+    _analyze(jaxpr, origin, result, (), producer_primitives())
     for v in jaxpr.outvars:
         if not isinstance(v, Literal) and v in origin:
             result[origin[v][0]].fail("parameter returned as model output")
@@ -148,13 +136,13 @@ def analyze(jaxpr: Jaxpr, num_params: int, differentiable: list[bool]) -> list[L
 _OUTPUT_VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy_p"})
 
 
-_LINEAR_PRODUCERS = frozenset({"dot_general", "conv_general_dilated"})
-
-
-def _track_dot_output(eqn, here: Path, from_dot: dict, consumers: Counter) -> None:
-    """Follow dot_general / conv_general_dilated outputs through single-consumer views."""
+def _track_dot_output(
+    eqn, here: Path, from_dot: dict, consumers: Counter, producers: frozenset[str]
+) -> None:
+    """Follow the outputs of ``producers`` (dot_general, conv_general_dilated) through
+    single-consumer views."""
     name = eqn.primitive.name
-    if name in _LINEAR_PRODUCERS:
+    if name in producers:
         from_dot[eqn.outvars[0]] = (here, ())
     elif name in _OUTPUT_VIEWS and len(eqn.invars) == 1 and len(eqn.outvars) == 1:
         v = eqn.invars[0]
@@ -166,24 +154,16 @@ def _track_dot_output(eqn, here: Path, from_dot: dict, consumers: Counter) -> No
             from_dot[eqn.outvars[0]] = (dot, chain + (step,))
 
 
-def undo_output_views(idx: np.ndarray, chain: tuple) -> np.ndarray:
-    """Map an index array laid out like the end of ``chain`` back to the dot output layout."""
-    for name, params, in_shape in reversed(chain):
-        if name == "transpose":
-            idx = np.transpose(idx, np.argsort(params["permutation"]))
-        elif name == "reshape":
-            idx = np.reshape(idx, in_shape)
-    return idx
-
-
-def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> None:
+def _analyze(
+    jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path, producers: frozenset[str]
+) -> None:
     consumers = Counter(
         v for e in jaxpr.eqns for v in e.invars if not isinstance(v, Literal)
     ) + Counter(v for v in jaxpr.outvars if not isinstance(v, Literal))
     from_dot: dict = {}  # var -> (path of the dot_general / conv, views applied since)
     for i, eqn in enumerate(jaxpr.eqns):
         here = path + (i,)
-        _track_dot_output(eqn, here, from_dot, consumers)
+        _track_dot_output(eqn, here, from_dot, consumers, producers)
         derived = [
             (pos, origin[v])
             for pos, v in enumerate(eqn.invars)
@@ -199,7 +179,7 @@ def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> 
                 for iv, ov in zip(sub[0].invars, eqn.invars, strict=True)
                 if not isinstance(ov, Literal) and ov in origin
             }
-            _analyze(sub[0], inner_origin, result, here)
+            _analyze(sub[0], inner_origin, result, here, producers)
             for ov, iv in zip(eqn.outvars, sub[0].outvars, strict=True):
                 if not isinstance(iv, Literal) and iv in inner_origin:
                     origin[ov] = inner_origin[iv]
@@ -211,8 +191,8 @@ def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> 
                 origin[eqn.outvars[0]] = (leaf, new)
                 continue
         leaves = {leaf for _, (leaf, _) in derived}
-        kind = _classify(name, derived[0][0], len(derived)) if len(leaves) == 1 else None
-        if kind is None:
+        rule = find_rule(eqn, derived[0][0]) if len(derived) == 1 else None
+        if rule is None:
             for leaf in leaves:
                 result[leaf].fail(f"'{name}' consumes it")
             continue
@@ -223,7 +203,7 @@ def _analyze(jaxpr: Jaxpr, origin: dict, result: list[LeafUses], path: Path) -> 
         if len(other) == 1 and not isinstance(other[0], Literal) and consumers[other[0]] == 1:
             other_producer, other_chain = from_dot.get(other[0], (None, ()))
         use = Use(
-            kind,
+            rule.name,
             here,
             pos,
             idx,

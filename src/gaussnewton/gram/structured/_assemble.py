@@ -1,4 +1,10 @@
-"""Forward/backward passes with probes, and assembly of the Gram matrix from the per-leaf plans."""
+"""Forward/backward passes with probes, and assembly of the Gram matrix from the per-leaf plans.
+
+Generic over the rules: each factored use's rule (``LeafPlan.sites``) records its activation in
+the forward pass (:meth:`GramRule.activation`), turns it and the probe cotangents into factors
+(:meth:`GramRule.factor`) and forms the leaf's Gram block (:meth:`GramRule.block`); every other
+float leaf contributes its per-example gradients ``V``, ``K_w = V Vᵀ``.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +18,10 @@ import numpy as np
 from gaussnewton._sharding import vary_like
 
 from ._analysis import LeafUses, analyze
-from ._cost import (
-    CONSTANT,
-    DENSE,
-    DENSE_METHODS,
-    PERGRAD,
-    ConvForm,
-    EmbedForm,
-    LeafPlan,
-    merge_biases,
-    plan_leaf,
-)
+from ._cost import DENSE_METHODS, LeafPlan, plan_leaf
 from ._jaxpr import Traced, evaluate, trace, walk
+from ._registry import RULES
+from ._rules import CONSTANT, DENSE, PERGRAD, GramRule
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -63,43 +61,40 @@ def make_plan(
             plans.append(LeafPlan(name, CONSTANT))
             continue
         plans.append(plan_leaf(name, f, size, n1, n2, traced.num_outputs, dense_method))
-    if dense_method != PERGRAD:
-        merge_biases(plans, found, sizes)
+    if dense_method != PERGRAD:  # e.g. a bias folds into the factored dot / conv before it
+        for rule in list(RULES.values()):
+            rule.refine(plans, found, sizes)
     return traced, plans
 
 
-def _patches(f: ConvForm, lhs: jax.Array) -> jax.Array:
-    """Input patches of a conv use, laid out like its output (patch features as its features)."""
-    n = len(f.filter_shape)
-    dn = jax.lax.ConvDimensionNumbers(f.lhs_spec, tuple(range(n + 2)), f.out_spec)
-    return jax.lax.conv_general_dilated_patches(
-        lhs,
-        f.filter_shape,
-        f.window_strides,
-        f.padding,
-        f.lhs_dilation,
-        f.rhs_dilation,
-        dn,
-        precision=_HI,  # a pure selection: keep it exact (no TF32 / bf16 passes)
-    )
+def _factored(plans: list[LeafPlan]) -> list[int]:
+    """Indices of the leaves with a factored form."""
+    return [p for p, pl in enumerate(plans) if pl.method == DENSE and pl.forms]
+
+
+def _leaf_rules(plans: list[LeafPlan]) -> list[GramRule]:
+    """The rule that forms each factored leaf's block (that of its first use)."""
+    return [plans[p].sites[0][1] for p in _factored(plans)]
 
 
 def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callable:
     """Per-example map ``x_i -> (A per factored leaf, G per factored leaf, per-example gradients)``.
 
-    One forward pass with a zero probe added to the output of every factored (dense, conv,
-    embedding) use, recording its activation operand, then one VJP per output column (vmapped
-    over the k unit cotangents) w.r.t. the probes and the leaves that take per-example gradients.
-    A conv's activation becomes its input patches.
+    One forward pass with a zero probe added to the output of every factored use (dense, conv,
+    embedding, ...), recording what its rule's ``activation`` asks for, then one VJP per output
+    column (vmapped over the k unit cotangents) w.r.t. the probes and the leaves that take
+    per-example gradients; each rule's ``factor`` turns activation and cotangents into ``(A, G)``
+    (a conv's activation becomes its input patches), merged per leaf along ``position_axes``.
     """
     closed = traced.jaxpr
     k = traced.num_outputs
     grad_idx = [p for p, pl in enumerate(plans) if pl.method == PERGRAD]
-    dense_idx = [p for p, pl in enumerate(plans) if pl.method == DENSE and pl.forms]
+    dense_idx = _factored(plans)
     forms = [f for p in dense_idx for f in plans[p].forms]
+    sites = [s for p in dense_idx for s in plans[p].sites]
     eqns = {path: eqn for path, eqn, _ in walk(closed.jaxpr)}
-    out_avals = [eqns[f.path].outvars[0].aval for f in forms]
-    slot = {f.path: s for s, f in enumerate(forms)}
+    out_avals = [eqns[path].outvars[0].aval for path, _ in sites]
+    slot = {path: s for s, (path, _) in enumerate(sites)}
 
     def one(x_leaves):
         def fwd(probes, gleaves):
@@ -112,8 +107,7 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
                 s = slot.get(path)
                 if s is None:
                     return outs
-                embed = isinstance(forms[s], EmbedForm)
-                acts[s] = invals[1] if embed else invals[forms[s].a_operand]
+                acts[s] = sites[s][1].activation(forms[s], invals)
                 return [outs[0] + probes[s]]
 
             (out,) = evaluate(closed.jaxpr, closed.consts, full + list(x_leaves), hook)
@@ -125,68 +119,22 @@ def _per_example(traced: Traced, leaves: list, plans: list[LeafPlan]) -> Callabl
         out, vjp_fn, acts = jax.vjp(fwd, probes0, gleaves0, has_aux=True)
         g_probes, g_leaves = jax.vmap(vjp_fn)(vary_like(jnp.eye(k, dtype=out.dtype), out))
         A, G = [], []
-        for a, g, f in zip(acts, g_probes, forms, strict=True):
-            g = jnp.transpose(g, (0,) + tuple(1 + d for d in f.g_perm))
-            if isinstance(f, EmbedForm):  # A holds the looked-up row ids (T,)
-                ids = a.reshape(f.T).astype(jnp.int32)
-                g = g.reshape(k, f.T, f.D)
-                if f.fill:  # out-of-range ids looked up the fill value: no gradient
-                    g = g * ((ids >= 0) & (ids < f.V)).astype(g.dtype)[None, :, None]
-                A.append(jnp.clip(ids, 0, f.V - 1))
-                G.append(g)
-            else:
-                if isinstance(f, ConvForm):  # dense on patches
-                    a = _patches(f, a)
-                a = jnp.transpose(a, f.a_perm).reshape(f.B, f.T, f.Cin)
-                if f.with_bias:
-                    a = jnp.concatenate([a, jnp.ones((f.B, f.T, 1), a.dtype)], axis=-1)
-                A.append(a)
-                G.append(g.reshape(k, f.B, f.T, f.Cout))
+        for a, g, f, (_, rule) in zip(acts, g_probes, forms, sites, strict=True):
+            a, g = rule.factor(f, a, g, k)
+            A.append(a)
+            G.append(g)
         A_leaf, G_leaf, start = [], [], 0
         for p in dense_idx:  # merge the uses of one leaf along positions T
             m = len(plans[p].forms)
-            embed = isinstance(plans[p].forms[0], EmbedForm)
-            A_leaf.append(jnp.concatenate(A[start : start + m], axis=0 if embed else 1))
-            G_leaf.append(jnp.concatenate(G[start : start + m], axis=1 if embed else 2))
+            ax_a, ax_g = plans[p].sites[0][1].position_axes
+            A_leaf.append(jnp.concatenate(A[start : start + m], axis=ax_a))
+            G_leaf.append(jnp.concatenate(G[start : start + m], axis=ax_g))
             start += m
         V = [g.reshape(k, -1) for g in g_leaves]
         V = jnp.concatenate(V, axis=1) if V else jnp.zeros((k, 0), out.dtype)
         return A_leaf, G_leaf, V
 
     return one
-
-
-def _embed_block(ids1, G1, ids2, G2):
-    """``sum_{t,s} [id1_it == id2_js] (G1_ikt . G2_jls)`` -> (n1, k, n2, k)."""
-    n1, k, T, _ = G1.shape
-    n2, _, S, _ = G2.shape
-    eq = (ids1[:, :, None, None] == ids2[None, None, :, :]).astype(G1.dtype)  # (n1, T, n2, S)
-    g1 = jnp.swapaxes(G1, 1, 2).reshape(n1 * T * k, -1)  # rows (i, t, k)
-    g2 = jnp.swapaxes(G2, 1, 2).reshape(n2 * S * k, -1)
-    GG = jnp.matmul(g1, g2.T, precision=_HI).reshape(n1, T, k, n2, S, k)
-    return jnp.einsum("itjs,itkjsl->ikjl", eq, GG, precision=_HI)
-
-
-def _dense_block(A1, G1, A2, G2):
-    """``sum_b sum_{t,s} (A1_i[b,t] . A2_j[b,s]) (G1_ik[b,t] . G2_jl[b,s])`` -> (n1, k, n2, k).
-
-    ``A`` is ``(n, B, T, C_in)``, ``G`` is ``(n, k, B, T, C_out)``; contractions are written as
-    plain (batched) matrix products with the batch axis ``B`` leading (fast layouts on CPU).
-    """
-    n1, k, B, T, _ = G1.shape
-    n2 = G2.shape[0]
-    if B == 1 and T == 1:  # K = (a_i . a_j) (G_ik . G_jl): two matmuls and a broadcast product
-        AA = jnp.matmul(A1[:, 0, 0], A2[:, 0, 0].T, precision=_HI)
-        g1, g2 = G1[:, :, 0, 0].reshape(n1 * k, -1), G2[:, :, 0, 0].reshape(n2 * k, -1)
-        GG = jnp.matmul(g1, g2.T, precision=_HI).reshape(n1, k, n2, k)
-        return AA[:, None, :, None] * GG
-    a1 = jnp.moveaxis(A1, 1, 0).reshape(B, n1 * T, -1)  # (B, n1 T, C_in), rows (i, t)
-    a2 = jnp.moveaxis(A2, 1, 0).reshape(B, n2 * T, -1)
-    g1 = jnp.transpose(G1, (2, 0, 3, 1, 4)).reshape(B, n1 * T * k, -1)  # rows (i, t, k)
-    g2 = jnp.transpose(G2, (2, 0, 3, 1, 4)).reshape(B, n2 * T * k, -1)
-    AA = jnp.matmul(a1, jnp.swapaxes(a2, 1, 2), precision=_HI).reshape(B, n1, T, n2, T)
-    GG = jnp.matmul(g1, jnp.swapaxes(g2, 1, 2), precision=_HI).reshape(B, n1, T, k, n2, T, k)
-    return jnp.einsum("bitjs,bitkjsl->ikjl", AA, GG, precision=_HI)
 
 
 def structured_gram(
@@ -211,6 +159,8 @@ def structured_gram(
       (``jax.lax.conv_general_dilated_patches``) and ``G = df/dz`` at the conv output;
     * embedding tables (gathers of whole rows): ``sum_{t,s} [id_it == id_js] (G_ikt . G_jls)``;
     * a bias added right after a factored dot / conv: a column of ones in ``a``;
+    * rules added with :func:`gaussnewton.register_rule`: their own factored form (or
+      per-example gradients);
     * other leaves (bias, scale, grouped conv, unrecognized uses) and dense / conv / embedding
       leaves where the flop model prefers it: per-example gradients ``V_ik = d f_ik / d w`` of
       that leaf only, ``K_w = V V^T``.
@@ -223,7 +173,7 @@ def structured_gram(
     traced, plans = make_plan(model_fn, params, x1, x2, dense_method)
     f1 = _factors(traced, plans, params, x1)
     f2 = f1 if x2 is None else _factors(traced, plans, params, x2)
-    return _block(f1, f2, traced.num_outputs, _gram_dtype(traced))
+    return _block(f1, f2, traced.num_outputs, _gram_dtype(traced), _leaf_rules(plans))
 
 
 def structured_factors(
@@ -238,10 +188,10 @@ def structured_factors(
     """
     traced, plans = make_plan(model_fn, params, x, None, dense_method)
     factors = _factors(traced, plans, params, x)
-    k, dtype = traced.num_outputs, _gram_dtype(traced)
+    k, dtype, rules = traced.num_outputs, _gram_dtype(traced), _leaf_rules(plans)
 
     def block(f1: Any, f2: Any = None) -> jax.Array:
-        return _block(f1, f1 if f2 is None else f2, k, dtype)
+        return _block(f1, f1 if f2 is None else f2, k, dtype, rules)
 
     return factors, block
 
@@ -256,17 +206,14 @@ def _factors(traced: Traced, plans: list[LeafPlan], params: Any, x: Any):
     return jax.vmap(one)(jax.tree_util.tree_leaves(x))
 
 
-def _block(f1, f2, k: int, dtype) -> jax.Array:
-    """``K`` of shape ``(n1, k, n2, k)`` from the factors of two example sets (products in >= f32)."""
+def _block(f1, f2, k: int, dtype, rules: list[GramRule]) -> jax.Array:
+    """``K`` of shape ``(n1, k, n2, k)`` from the factors of two example sets (products in >= f32):
+    each factored leaf's block by its rule, plus ``V1 V2ᵀ`` of the per-example gradients."""
     (A1, G1, V1), (A2, G2, V2) = f1, f2
     n1, n2 = V1.shape[0], V2.shape[0]
     K = jnp.zeros((n1, k, n2, k), dtype)
-    for a1, g1, a2, g2 in zip(A1, G1, A2, G2, strict=True):
-        if a1.ndim == 2:  # embedding: row ids (n, T)
-            K = K + _embed_block(a1, g1.astype(dtype), a2, g2.astype(dtype))
-        else:
-            a1, g1, a2, g2 = (u.astype(dtype) for u in (a1, g1, a2, g2))
-            K = K + _dense_block(a1, g1, a2, g2)
+    for rule, a1, g1, a2, g2 in zip(rules, A1, G1, A2, G2, strict=True):
+        K = K + rule.block(a1, g1, a2, g2, dtype)
     if V1.shape[-1]:
         V1, V2 = V1.astype(dtype), V2.astype(dtype)
         V = jnp.matmul(V1.reshape(n1 * k, -1), V2.reshape(n2 * k, -1).T, precision=_HI)
