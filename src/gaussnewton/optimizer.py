@@ -40,7 +40,6 @@ from gaussnewton._tree import (
     tree_scale,
     tree_select,
     tree_vdot,
-    tree_zeros_like,
 )
 from gaussnewton._validate import check_params
 from gaussnewton.damping import DampingPolicy, DampingRule, as_damping_rule, gain_ratio
@@ -225,7 +224,7 @@ class GaussNewtonOptimizer:
             count=zero,
             damping=self.damping_rule.init(lam0, dt),
             step_size=self.step_size_rule.init(lr0, dt),
-            momentum=tree_zeros_like(params) if self.momentum else (),
+            momentum=self._momentum_tx.init(params) if self.momentum else (),
             tx_state=self.tx.init(params) if self.tx is not None else (),
             key=_raw_key(key),
             method_state=self.init_method_state(params) if self.init_method_state else (),
@@ -256,7 +255,7 @@ class GaussNewtonOptimizer:
         fn, model_state = self._bind_model(params, x, state.model_state, key)
         lam = jnp.asarray(damping.value(state.damping, state.count), dt)
         lin = self.direction_fn(fn, params, x, y, lam, key, state.method_state)
-        d, momentum = self._apply_momentum(lin.direction, state, dt)
+        d, momentum = self._apply_momentum(lin.direction, state)
         d, tx_state = self._apply_tx(d, state.tx_state, params)
         slope = tree_vdot(lin.grad, d).astype(dt)
         loss_at = self._loss_along(fn, params, d, x, y)
@@ -343,16 +342,17 @@ class GaussNewtonOptimizer:
             model_state = _mean_floats(self.batch_axis, model_state)
         return fn, model_state
 
-    def _apply_momentum(self, d, state, dt):
-        """Bias-corrected average ``m_t = β m + (1 − β) d``, ``d̂ = m_t / (1 − βᵗ)``."""
+    @property
+    def _momentum_tx(self) -> optax.GradientTransformation:
+        """``optax.ema(β, debias=True)``: ``m_t = β m + (1 − β) d``, ``d̂ = m_t / (1 − βᵗ)``."""
+        return optax.ema(self.momentum, debias=True)
+
+    def _apply_momentum(self, d, state):
+        """The bias-corrected direction average (:attr:`_momentum_tx`); its state (``optax``'s
+        ``EmaState``: ``count``, ``ema``) advances with accepted steps only."""
         if not self.momentum:
             return d, ()
-        beta = self.momentum
-        m = jax.tree_util.tree_map(
-            lambda mo, di: (beta * mo + (1 - beta) * di).astype(di.dtype), state.momentum, d
-        )
-        t = (state.count + 1).astype(dt)
-        return tree_scale(1.0 / (1.0 - beta**t), m), m
+        return self._momentum_tx.update(d, state.momentum)
 
     def _apply_tx(self, d, tx_state, params):
         """``tx`` in optax's convention: it maps the gradient-like ``−d`` to an update ``u`` that is
