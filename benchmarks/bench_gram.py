@@ -213,6 +213,23 @@ def first_call_s(fn: Callable, *args) -> float:
     return time.perf_counter() - t
 
 
+def adam_reference(f: Callable, loss: str, lr: float = 1e-3):
+    """``(optax.adam(lr), step)``: the Adam step every ratio is taken against (not jitted),
+    ``step(params, opt_state, x, y) -> (params, opt_state, loss)`` on the mean of ``loss``."""
+    lo, adam = gn.get_loss(loss), optax.adam(lr)
+
+    def step(params, opt_state, x, y):
+        def loss_fn(q):
+            out = f(q, x)
+            return jnp.mean(lo.value(out, lo.prepare_labels(out, y)))
+
+        value, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = adam.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return adam, step
+
+
 def random_batch(p: Problem, key) -> tuple[jax.Array, jax.Array]:
     """``(x, y)`` of problem ``p``: normal inputs (uniform images), normal targets or uniform
     labels."""
@@ -271,19 +288,9 @@ def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) ->
         else opt.init(params)
     )
     egn_step = jax.jit(opt.step)
-    lo = gn.get_loss(p.loss)
-    adam = optax.adam(1e-3)
+    adam, adam_step = adam_reference(f, p.loss)
     adam_state = adam.init(params)
-
-    @jax.jit
-    def adam_step(params, opt_state, x, y):
-        def loss_fn(q):
-            out = f(q, x)
-            return jnp.mean(lo.value(out, lo.prepare_labels(out, y)))
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = adam.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    adam_step = jax.jit(adam_step)
 
     # The default step as a user calls it, and the first-call (compile) time of it and Adam.
     # These are measured first, on fresh jit functions, so no cache is warm.

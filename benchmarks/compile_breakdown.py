@@ -11,9 +11,7 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
-from bench_gram import init_mlp, mlp_fn
+from bench_gram import adam_reference, init_mlp, mlp_fn
 
 import gaussnewton as gn
 from gaussnewton import linalg
@@ -58,17 +56,7 @@ def main(argv=None) -> None:
         y = jax.random.normal(ky, (128, 1))
     params, f = init_mlp(kp, sizes), mlp_fn(act)
     x = jax.random.normal(kx, (128, sizes[0]))
-    lo = gn.get_loss(loss)
-    adam = optax.adam(1e-3)
-
-    def adam_step(params, opt_state, x, y):
-        def loss_fn(q):
-            out = f(q, x)
-            return jnp.mean(lo.value(out, lo.prepare_labels(out, y)))
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = adam.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    adam, adam_step = adam_reference(f, loss)
 
     rows = {"adam": breakdown(adam_step, params, adam.init(params), x, y)}
     cfgs = {

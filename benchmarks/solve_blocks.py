@@ -16,9 +16,7 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
-from bench_gram import init_mlp, mlp_fn, timed
+from bench_gram import adam_reference, init_mlp, mlp_fn, timed
 
 import gaussnewton as gn
 from gaussnewton import linalg
@@ -42,18 +40,8 @@ def main(argv=None) -> None:
         y = jax.random.normal(ky, (b, 1))
     else:
         y = jax.random.randint(ky, (b,), 0, sizes[-1])
-    lo, adam = gn.get_loss(loss), optax.adam(1e-3)
-    adam_state = adam.init(params)
-
-    @jax.jit
-    def adam_step(p, s, x, y):
-        def loss_fn(q):
-            out = f(q, x)
-            return jnp.mean(lo.value(out, lo.prepare_labels(out, y)))
-
-        value, g = jax.value_and_grad(loss_fn)(p)
-        u, s = adam.update(g, s, p)
-        return optax.apply_updates(p, u), s, value
+    adam, adam_step = adam_reference(f, loss)
+    adam_state, adam_step = adam.init(params), jax.jit(adam_step)
 
     steps = {}
     for config in args.configs:
