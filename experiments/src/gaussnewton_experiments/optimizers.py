@@ -193,6 +193,13 @@ register_optimizer(
     description="EGN: Armijo line search (alpha_max = learning_rate) + adaptive λ with a floor",
 )
 register_optimizer(
+    "egn-default",
+    gn_factory("egn"),
+    defaults={},
+    grid=(),
+    description="gn.egn with the library's defaults: only the model and the loss are given",
+)
+register_optimizer(
     "egn-fixed",
     egn_factory(line_search=None, damping_policy="constant"),
     defaults=_EGN_DEFAULTS,
