@@ -71,12 +71,21 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--float64", action="store_true", help="parameters and data in float64")
     ap.add_argument("--out", default="", help="folder for criterion.json / criterion.md")
+    ap.add_argument(
+        "--jax-cache",
+        default="results/.jax_cache",
+        help="persistent compilation cache: the seeds of one experiment compile the "
+        "same programs ('' = none)",
+    )
     args = ap.parse_args(argv)  # fmt: skip
 
     import jax
 
     if args.float64:
         jax.config.update("jax_enable_x64", True)
+    if args.jax_cache:
+        jax.config.update("jax_compilation_cache_dir", args.jax_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from gaussnewton_experiments.criterion import TABULAR, check_experiment, markdown_table
 
     names = [n for n in args.experiments.split(",") if n] or list(TABULAR)
@@ -105,7 +114,7 @@ def main(argv=None) -> int:
             print(
                 f"{name:20s} seed {r['seed']} final {r['final']:.4g} at-best-val "
                 f"{r['at_best_val']:.4g} ratio {r['error_ratio']:.2f} spike {r['spike']:.1f} "
-                f"(step {r['spike_step']}) rejected {r['rejected']} λ min {r['lam_min']:.2g} "
+                f"(step {r['spike_step']}; {r['spikes_over_3']} steps > 3x) rejected {r['rejected']} λ min {r['lam_min']:.2g} "
                 f"{'PASS' if r['pass'] else 'FAIL'} [{r['wall_s']} s]",
                 flush=True,
             )

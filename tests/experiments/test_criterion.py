@@ -79,6 +79,7 @@ def test_judge_run_pass_and_fail():
     spiky = [[1.0] * 10, [1.0] * 5 + [11.0] + [1.0] * 4, [1.0] * 10]
     res = judge_run(_rows([2.0, 0.5, 0.5, 0.5], [2.0, 0.5, 0.5, 0.5], spiky), False)
     assert res["spike"] == 11.0 and res["spike_step"] == 16 and not res["pass"]
+    assert res["spikes_over_3"] == res["spikes_over_limit"] == 1
     # classification: accuracy 0.9 at best validation, final 0.85 -> error ratio 1.5
     res = judge_run(_rows([0.5, 0.9, 0.88, 0.85], [0.5, 0.9, 0.89, 0.86], flat), True)
     assert res["error_ratio"] == pytest.approx(1.5) and res["pass"]

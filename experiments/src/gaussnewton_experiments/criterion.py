@@ -44,6 +44,7 @@ __all__ = [
     "RATIO_LIMIT",
     "WINDOW",
     "spike_ratio",
+    "spike_ratios",
     "error_of",
     "error_ratio",
     "judge_run",
@@ -67,26 +68,42 @@ WINDOW = 50
 MIN_HISTORY = 10
 
 
-def spike_ratio(
+def spike_ratios(
     losses: Sequence[float], window: int = WINDOW, min_history: int = MIN_HISTORY
-) -> tuple[float, int]:
-    """``(max_t L_t / median(L_{max(0, t−window)} … L_{t−1}), argmax t)`` over ``t >= min_history``.
+) -> np.ndarray:
+    """``L_t / median(L_{max(0, t−window)} … L_{t−1})`` for ``t = min_history … len − 1``.
 
-    A non-finite ``L_t`` gives ``(inf, t)`` (the first one). Fewer than ``min_history + 1``
-    losses give ``(nan, -1)``: no step has a history to compare with.
+    A non-finite ``L_t`` gives ``inf``; a zero median gives ``inf`` for ``L_t > 0``, else 1.
     """
     x = np.asarray(losses, np.float64)
     if window < 1 or min_history < 1:
         raise ValueError(f"window={window}, min_history={min_history}: both must be >= 1.")
-    best, where = math.nan, -1
-    for t in range(min_history, x.shape[0]):
-        if not math.isfinite(x[t]):
-            return math.inf, t
+    out = np.empty(max(0, x.shape[0] - min_history))
+    for j, t in enumerate(range(min_history, x.shape[0])):
         med = float(np.median(x[max(0, t - window) : t]))
-        r = x[t] / med if med > 0 else (math.inf if x[t] > 0 else 1.0)
-        if not r <= best:  # also replaces the initial NaN
-            best, where = float(r), t
-    return best, where
+        if not math.isfinite(x[t]):
+            out[j] = math.inf
+        elif med > 0:
+            out[j] = x[t] / med
+        else:
+            out[j] = math.inf if x[t] > 0 else 1.0
+    return out
+
+
+def spike_ratio(
+    losses: Sequence[float], window: int = WINDOW, min_history: int = MIN_HISTORY
+) -> tuple[float, int]:
+    """``(max_t L_t / median(L_{max(0, t−window)} … L_{t−1}), argmax t)`` over ``t >= min_history``
+    (:func:`spike_ratios`; the first step on ties).
+
+    A non-finite ``L_t`` is an infinite spike. Fewer than ``min_history + 1`` losses give
+    ``(nan, -1)``: no step has a history to compare with.
+    """
+    r = spike_ratios(losses, window, min_history)
+    if r.size == 0:
+        return math.nan, -1
+    j = int(np.argmax(r))
+    return float(r[j]), j + min_history
 
 
 def error_of(metric: float, higher_is_better: bool) -> float:
@@ -128,6 +145,7 @@ def judge_run(
     best = at_best_validation(rows, "metric", higher_is_better)
     ratio = error_ratio(final, best, higher_is_better)
     spike, at = spike_ratio(losses, window)
+    ratios = spike_ratios(losses, window)
     lams = [v for r in rows for v in r.get("trace", {}).get("damping", [])]
     return {
         "final": final,
@@ -135,6 +153,8 @@ def judge_run(
         "error_ratio": ratio,
         "spike": spike,
         "spike_step": at + 1 if at >= 0 else -1,  # 1-based step count, as the rows' "step"
+        "spikes_over_3": int(np.sum(ratios > 3.0)),
+        "spikes_over_limit": int(np.sum(ratios > spike_limit)),
         "steps": int(rows[-1].get("step", 0)),
         "rejected": int(rows[-1].get("rejected", 0)),
         "lam_min": float(min(lams)) if lams else math.nan,
@@ -205,13 +225,13 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     error ratio, the spike ratio (and its step), rejected steps, λ min / last and PASS/FAIL."""
     head = (
         "| experiment | optimizer | seed | batch | steps | final | at best val | error ratio | "
-        "spike (step) | rejected | λ min | λ last | result |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "spike (step) | steps > 3x | rejected | λ min | λ last | result |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['experiment']} | {r['optimizer']} | {r['seed']} | {r['batch_size']} | {r['steps']} "
         f"| {_g(r['final'])} | {_g(r['at_best_val'])} | {r['error_ratio']:.2f} "
-        f"| {r['spike']:.1f} ({r['spike_step']}) | {r['rejected']} | {r['lam_min']:.2g} "
+        f"| {r['spike']:.1f} ({r['spike_step']}) | {r['spikes_over_3']} | {r['rejected']} | {r['lam_min']:.2g} "
         f"| {r['lam_last']:.2g} | {'PASS' if r['pass'] else 'FAIL'} |"
         for r in results
     ]
