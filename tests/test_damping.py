@@ -121,3 +121,46 @@ def test_dtype_floor():
     assert gn.AdaptiveDamping(eps_floor=0.0).floor(jnp.float32) == 1e-8
     with pytest.raises(ValueError, match="eps_floor"):
         gn.AdaptiveDamping(eps_floor=-1.0)
+
+
+def test_library_default_is_lambda0_equal_floor_0p3():
+    """``gn.egn(model, loss=...)``: λ₀ = λ_min = 0.3 with the default adaptive policy; an explicit
+    ``damping`` or a constant policy keeps the former behaviour (METHODS §2.2)."""
+    model = lambda p, x: x @ p["w"]  # noqa: E731
+    opt = gn.egn(model, loss="squared_error")
+    assert opt.damping == 0.3 and opt.damping_policy == gn.AdaptiveDamping(min=0.3)
+    assert gn.default_damping("adaptive") == (0.3, gn.AdaptiveDamping(min=0.3))
+    explicit = gn.egn(model, loss="squared_error", damping=1e-3)
+    assert explicit.damping == 1e-3 and explicit.damping_policy == gn.AdaptiveDamping()
+    constant = gn.egn(model, loss="squared_error", damping_policy="constant")
+    assert constant.damping == 1e-3 and isinstance(constant.damping_policy, gn.ConstantDamping)
+    custom = gn.AdaptiveDamping(min=1e-2)
+    assert gn.egn(model, loss="squared_error", damping_policy=custom).damping_policy == custom
+
+
+def test_default_floor_holds_where_lambda_would_collapse():
+    """An over-parameterized model (D = 81 > b = 8) on fresh mini-batches: the gain ratio on the
+    batch that built the model stays high, so with ``damping=1e-3`` given λ falls towards 1e-8;
+    the library default never goes below 0.3 (and starts there)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k1, (256, 3))
+    y = jnp.sin(2 * x[:, 0]) + 0.1 * jax.random.normal(k2, (256,))
+
+    def model(p, xx):
+        return jnp.tanh(xx @ p["w1"]) @ p["w2"]
+
+    params = {"w1": jax.random.normal(k3, (3, 16)) / 2, "w2": jnp.zeros(16)}
+    idx = jax.random.randint(jax.random.key(4), (60, 8), 0, 256)
+
+    def lams(opt):
+        def body(carry, i):
+            p, s = carry
+            p, s, info = opt.step(p, s, x[i], y[i])
+            return (p, s), info.damping
+
+        return np.asarray(jax.lax.scan(body, (params, opt.init(params)), idx)[1])
+
+    lam_default = lams(gn.egn(model, loss="squared_error"))
+    lam_old = lams(gn.egn(model, loss="squared_error", damping=1e-3))
+    assert lam_default[0] == 0.3 and lam_default.min() >= 0.3 * (1 - 1e-12)
+    assert lam_old.min() < 1e-6  # the collapse the default prevents

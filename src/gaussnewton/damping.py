@@ -33,7 +33,21 @@ from typing import ClassVar, Protocol
 import jax
 import jax.numpy as jnp
 
-__all__ = ["AdaptiveDamping", "ConstantDamping", "DampingPolicy", "gain_ratio"]
+__all__ = [
+    "AdaptiveDamping",
+    "ConstantDamping",
+    "DampingPolicy",
+    "DEFAULT_ADAPTIVE_DAMPING",
+    "DEFAULT_CONSTANT_DAMPING",
+    "default_damping",
+    "gain_ratio",
+]
+
+#: λ₀ = λ_min of ``gn.egn``'s default adaptive damping (``damping`` not given): λ starts at 0.3
+#: and never falls below it (docs/METHODS.md §2.2, "The library default")
+DEFAULT_ADAPTIVE_DAMPING = 0.3
+#: λ of ``gn.egn(..., damping_policy="constant")`` when ``damping`` is not given
+DEFAULT_CONSTANT_DAMPING = 1e-3
 
 
 class DampingPolicy(Protocol):
@@ -118,6 +132,32 @@ class AdaptiveDamping:
     def _clamp(self, lam: jax.Array) -> jax.Array:
         lo = self.floor(lam.dtype)
         return jnp.clip(lam, lo, max(self.max, lo)).astype(lam.dtype)
+
+
+def default_damping(damping_policy) -> tuple[float, object]:
+    r"""``(λ₀, policy)`` of ``gn.egn`` when ``damping`` is not given (METHODS §2.2).
+
+    With ``damping_policy="adaptive"`` (the default): ``λ₀ = λ_min = 0.3``, i.e.
+    ``AdaptiveDamping(min=0.3)``: the gain ratio ``ρ`` measured on the batch that built the model
+    is close to 1 for an over-parameterized network (``b·c < D``), so λ would otherwise fall every
+    step to the dtype floor, each step would interpolate its mini-batch and the training loss and
+    test error rise (measured on five tabular sets: ``benchmarks/defaults_criterion.py``). Any
+    other policy keeps ``λ₀ = 1e-3`` and is returned as given. An explicit ``damping`` bypasses
+    this (``AdaptiveDamping()``'s bounds then apply; set a floor with
+    ``damping_policy=gn.AdaptiveDamping(min=...)``).
+
+    Example:
+        >>> from gaussnewton.damping import default_damping
+        >>> lam, policy = default_damping("adaptive")
+        >>> lam, policy.min
+        (0.3, 0.3)
+        >>> default_damping("constant")
+        (0.001, 'constant')
+    """
+    if isinstance(damping_policy, str) and damping_policy == "adaptive":
+        lam = DEFAULT_ADAPTIVE_DAMPING
+        return lam, AdaptiveDamping(min=lam)
+    return DEFAULT_CONSTANT_DAMPING, damping_policy
 
 
 @dataclasses.dataclass(frozen=True)

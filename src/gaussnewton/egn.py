@@ -17,7 +17,7 @@ from gaussnewton import _validate as v
 from gaussnewton._family import assemble, check_axis_name, check_common
 from gaussnewton._sharding import BatchAxis
 from gaussnewton._tree import tree_vdot, tree_zeros_like
-from gaussnewton.damping import AdaptiveDamping
+from gaussnewton.damping import AdaptiveDamping, default_damping
 from gaussnewton.directions import CURVATURES, linearize_and_solve
 from gaussnewton.gram import strategy_name
 from gaussnewton.linearization import with_output_axis
@@ -34,7 +34,7 @@ def egn(
     *,
     loss: LossLike,
     learning_rate: float | Schedule = 1.0,
-    damping: float | Schedule = 1e-3,
+    damping: float | Schedule | None = None,
     damping_policy: str | AdaptiveDamping | Schedule = "adaptive",
     line_search: str | Armijo | None = "armijo",
     momentum: float = 0.0,
@@ -66,6 +66,12 @@ def egn(
             a :class:`~gaussnewton.losses.Loss` (e.g. :class:`~gaussnewton.ConvexLoss`).
         learning_rate: step size ``α`` (or ``α_max`` with a line search); number or schedule.
         damping: ``λ`` (start value for adaptive damping); number or schedule of the step count.
+            Not given: with the default adaptive policy ``λ₀ = λ_min = 0.3`` (λ starts at 0.3 and
+            never falls below it: on small mini-batches the gain ratio on the batch that built the
+            model would otherwise drive λ to the dtype floor and each step would interpolate its
+            batch; METHODS §2.2); with any other policy ``λ = 1e-3``. Given: used as is, and
+            ``"adaptive"`` is ``AdaptiveDamping()`` (λ may fall to ``1e-8``, ``1.2e-4`` in
+            float32; set a floor with ``damping_policy=gn.AdaptiveDamping(min=...)``).
         damping_policy: ``"adaptive"`` (default, the gain-ratio rule), ``"constant"``,
             :class:`~gaussnewton.AdaptiveDamping`, or a schedule ``count -> λ``.
         line_search: ``"armijo"`` (default), :class:`~gaussnewton.Armijo` or ``None`` (fixed step).
@@ -109,6 +115,8 @@ def egn(
         >>> state = opt.init(p)
         >>> p, state, info = jax.jit(opt.step)(p, state, jnp.ones((8, 3)), jnp.zeros((8,)))
     """
+    if damping is None:  # the library default (METHODS §2.2): λ₀ = λ_min = 0.3 when adaptive
+        damping, damping_policy = default_damping(damping_policy)
     strict = not get_loss(loss).identity_curvature or curvature == "sampled"
     loss_obj = check_common(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=strict

@@ -34,6 +34,14 @@ def test_spike_ratio_window_and_history():
         spike_ratio([1.0] * 20, window=0)
 
 
+def test_span_median_ignores_one_batch_and_sees_a_rise():
+    one = [1.0] * 20 + [30.0] + [1.0] * 10
+    assert spike_ratio(one, span=5) == (1.0, 14)
+    rise = [1.0] * 20 + [30.0, 1.0, 20.0, 25.0, 1.0]  # 3 of the last 5 high: median 20
+    assert spike_ratio(rise, span=5) == (20.0, 23)
+    assert spike_ratio([1.0] * 20 + [math.nan] + [1.0] * 3, span=5)[0] == math.inf
+
+
 def test_non_finite_loss_is_an_infinite_spike():
     assert spike_ratio([1.0] * 12 + [math.nan] + [1.0]) == (math.inf, 12)
     assert spike_ratio([1.0] * 12 + [math.inf]) == (math.inf, 12)
@@ -75,11 +83,15 @@ def test_judge_run_pass_and_fail():
     res = judge_run(_rows([2.0, 0.3, 0.5, 1.1], [2.0, 0.6, 0.4, 0.8], flat), False)
     assert res["at_best_val"] == 0.5 and res["error_ratio"] == pytest.approx(2.2)
     assert not res["pass"]
-    # a spike in the training loss fails a run whose test error is fine
-    spiky = [[1.0] * 10, [1.0] * 5 + [11.0] + [1.0] * 4, [1.0] * 10]
-    res = judge_run(_rows([2.0, 0.5, 0.5, 0.5], [2.0, 0.5, 0.5, 0.5], spiky), False)
-    assert res["spike"] == 11.0 and res["spike_step"] == 16 and not res["pass"]
+    # one outlying batch is reported (spike_1) but is not a rise of the training loss ...
+    one = [[1.0] * 10, [1.0] * 5 + [11.0] + [1.0] * 4, [1.0] * 10]
+    res = judge_run(_rows([2.0, 0.5, 0.5, 0.5], [2.0, 0.5, 0.5, 0.5], one), False)
+    assert res["spike_1"] == 11.0 and res["spike"] == 1.0 and res["pass"]
     assert res["spikes_over_3"] == res["spikes_over_limit"] == 1
+    # ... a rise that lasts 3 of 5 steps fails a run whose test error is fine
+    rise = [[1.0] * 10, [1.0] * 5 + [11.0, 12.0, 1.0, 13.0] + [1.0], [1.0] * 10]
+    res = judge_run(_rows([2.0, 0.5, 0.5, 0.5], [2.0, 0.5, 0.5, 0.5], rise), False)
+    assert res["spike"] == 11.0 and res["spike_step"] == 19 and not res["pass"]
     # classification: accuracy 0.9 at best validation, final 0.85 -> error ratio 1.5
     res = judge_run(_rows([0.5, 0.9, 0.88, 0.85], [0.5, 0.9, 0.89, 0.86], flat), True)
     assert res["error_ratio"] == pytest.approx(1.5) and res["pass"]
