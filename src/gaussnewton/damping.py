@@ -20,6 +20,11 @@ float32 run (MLP 8-32-32-1, b = 64) ended with its mini-batch loss 1.9x above it
 0.6 % rejected steps; with 1e-4, 1.4x and none (docs/METHODS.md §2.2,
 ``benchmarks/damping_floor.py``).
 
+With ``loss_floor = μ > 0`` every update is followed by ``λ ← max(λ, μ L(w))`` (``L(w)`` the
+batch loss at the start of the step; :meth:`AdaptiveDamping.with_loss_floor`). ``gn.egn``'s default
+(``damping`` not given) is ``λ₀ = 1e-3`` with ``AdaptiveDamping(loss_floor=1)``
+(:func:`default_damping`; docs/METHODS.md §2.2, "The library default").
+
 Example:
     >>> import gaussnewton as gn
     >>> policy = gn.AdaptiveDamping(increase=1.5, decrease=2 / 3, min=1e-6, max=1e4)
@@ -37,17 +42,17 @@ __all__ = [
     "AdaptiveDamping",
     "ConstantDamping",
     "DampingPolicy",
-    "DEFAULT_ADAPTIVE_DAMPING",
-    "DEFAULT_CONSTANT_DAMPING",
+    "DEFAULT_DAMPING",
+    "DEFAULT_LOSS_FLOOR",
     "default_damping",
     "gain_ratio",
 ]
 
-#: λ₀ = λ_min of ``gn.egn``'s default adaptive damping (``damping`` not given): λ starts at 0.3
-#: and never falls below it (docs/METHODS.md §2.2, "The library default")
-DEFAULT_ADAPTIVE_DAMPING = 0.3
-#: λ of ``gn.egn(..., damping_policy="constant")`` when ``damping`` is not given
-DEFAULT_CONSTANT_DAMPING = 1e-3
+#: λ₀ of ``gn.egn`` when ``damping`` is not given (any policy)
+DEFAULT_DAMPING = 1e-3
+#: ``μ`` of the default adaptive policy's floor ``λ ≥ μ L(w)`` (docs/METHODS.md §2.2, "The
+#: library default")
+DEFAULT_LOSS_FLOOR = 1.0
 
 
 class DampingPolicy(Protocol):
@@ -77,7 +82,8 @@ class AdaptiveDamping:
 
     Fields: ``increase`` (``ρ < lower``, > 1), ``decrease`` (``ρ > upper``, in (0, 1)), the clamp
     ``[min, max]`` raised to ``eps_floor · ε`` (``ε`` of λ's dtype, ``eps_floor >= 0``), the
-    thresholds ``lower <= upper``, and ``reject_increase`` (>= 1): the factor after a rejected step.
+    thresholds ``lower <= upper``, ``reject_increase`` (>= 1): the factor after a rejected step,
+    and ``loss_floor`` (>= 0): ``λ ≥ loss_floor · L(w)`` after every step (0: no such floor).
     """
 
     increase: float = 1.5
@@ -88,6 +94,7 @@ class AdaptiveDamping:
     upper: float = 0.75
     reject_increase: float = 10.0
     eps_floor: float = 1000.0
+    loss_floor: float = 0.0
     uses_gain_ratio: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -110,6 +117,11 @@ class AdaptiveDamping:
                 f"AdaptiveDamping(eps_floor={self.eps_floor!r}): must be >= 0, e.g. 1000 (0: no "
                 "dtype floor)."
             )
+        if not self.loss_floor >= 0.0:
+            raise ValueError(
+                f"AdaptiveDamping(loss_floor={self.loss_floor!r}): must be >= 0, e.g. 1 (0: no "
+                "floor from the loss)."
+            )
         if not self.lower <= self.upper:
             raise ValueError(
                 f"AdaptiveDamping(lower={self.lower!r}, upper={self.upper!r}): need lower <= upper."
@@ -125,6 +137,18 @@ class AdaptiveDamping:
         """λ after a rejected (non-finite) step: ``λ · reject_increase``, clamped."""
         return self._clamp(lam * self.reject_increase)
 
+    def with_loss_floor(self, lam: jax.Array, loss: jax.Array) -> jax.Array:
+        """``max(λ, loss_floor · L)`` (``L`` the batch loss at the start of the step), clamped.
+
+        The Levenberg-Marquardt rule ``λ ∝ ‖F‖²`` (Yamashita & Fukushima; Fan & Yuan) as a floor:
+        it falls with the loss, so a batch that can be fitted exactly is (superlinear convergence
+        on a fixed batch), while on fresh mini-batches of noisy data the batch loss stays at the
+        noise level and so does λ. The optimizer applies it after :meth:`update` when
+        ``loss_floor > 0``.
+        """
+        lo = jnp.asarray(self.loss_floor, lam.dtype) * jnp.asarray(loss, lam.dtype)
+        return self._clamp(jnp.maximum(lam, lo))
+
     def floor(self, dtype) -> float:
         """The smallest λ in ``dtype``: ``max(min, eps_floor · ε)``, e.g. 1.2e-4 in float32."""
         return max(self.min, self.eps_floor * float(jnp.finfo(dtype).eps))
@@ -137,27 +161,27 @@ class AdaptiveDamping:
 def default_damping(damping_policy) -> tuple[float, object]:
     r"""``(λ₀, policy)`` of ``gn.egn`` when ``damping`` is not given (METHODS §2.2).
 
-    With ``damping_policy="adaptive"`` (the default): ``λ₀ = λ_min = 0.3``, i.e.
-    ``AdaptiveDamping(min=0.3)``: the gain ratio ``ρ`` measured on the batch that built the model
-    is close to 1 for an over-parameterized network (``b·c < D``), so λ would otherwise fall every
-    step to the dtype floor, each step would interpolate its mini-batch and the training loss and
-    test error rise (measured on five tabular sets: ``benchmarks/defaults_criterion.py``). Any
-    other policy keeps ``λ₀ = 1e-3`` and is returned as given. An explicit ``damping`` bypasses
-    this (``AdaptiveDamping()``'s bounds then apply; set a floor with
-    ``damping_policy=gn.AdaptiveDamping(min=...)``).
+    ``λ₀ = 1e-3``. With ``damping_policy="adaptive"`` (the default) the policy is
+    ``AdaptiveDamping(loss_floor=1)``: after every step ``λ ≥ L(w)``, ``L(w)`` the loss of the
+    step's batch at its start. The gain ratio ``ρ`` is measured on the batch that built the model
+    and stays near 1 for an over-parameterized network (``b·c < D``), so without a floor λ fell
+    every step to the dtype floor and each step interpolated its mini-batch (measured on five
+    tabular sets: ``benchmarks/defaults_criterion.py``); a floor proportional to the loss keeps
+    λ at the noise level of fresh mini-batches and still falls to 0 on a batch that can be fitted
+    exactly. Any other policy is returned as given. An explicit ``damping`` bypasses this
+    (``"adaptive"`` is then ``AdaptiveDamping()``).
 
     Example:
         >>> from gaussnewton.damping import default_damping
         >>> lam, policy = default_damping("adaptive")
-        >>> lam, policy.min
-        (0.3, 0.3)
+        >>> lam, policy.loss_floor
+        (0.001, 1.0)
         >>> default_damping("constant")
         (0.001, 'constant')
     """
     if isinstance(damping_policy, str) and damping_policy == "adaptive":
-        lam = DEFAULT_ADAPTIVE_DAMPING
-        return lam, AdaptiveDamping(min=lam)
-    return DEFAULT_CONSTANT_DAMPING, damping_policy
+        return DEFAULT_DAMPING, AdaptiveDamping(loss_floor=DEFAULT_LOSS_FLOOR)
+    return DEFAULT_DAMPING, damping_policy
 
 
 @dataclasses.dataclass(frozen=True)

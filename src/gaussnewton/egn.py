@@ -66,12 +66,14 @@ def egn(
             a :class:`~gaussnewton.losses.Loss` (e.g. :class:`~gaussnewton.ConvexLoss`).
         learning_rate: step size ``α`` (or ``α_max`` with a line search); number or schedule.
         damping: ``λ`` (start value for adaptive damping); number or schedule of the step count.
-            Not given: with the default adaptive policy ``λ₀ = λ_min = 0.3`` (λ starts at 0.3 and
-            never falls below it: on small mini-batches the gain ratio on the batch that built the
-            model would otherwise drive λ to the dtype floor and each step would interpolate its
-            batch; METHODS §2.2); with any other policy ``λ = 1e-3``. Given: used as is, and
-            ``"adaptive"`` is ``AdaptiveDamping()`` (λ may fall to ``1e-8``, ``1.2e-4`` in
-            float32; set a floor with ``damping_policy=gn.AdaptiveDamping(min=...)``).
+            Not given: ``λ₀ = 1e-3`` and, with the default adaptive policy, the floor
+            ``λ ≥ L(w)`` after every step (``AdaptiveDamping(loss_floor=1)``, ``L(w)`` the batch
+            loss at the start of the step): on small mini-batches the gain ratio on the batch that
+            built the model would otherwise drive λ to the dtype floor and each step would
+            interpolate its batch; the floor falls with the loss, so a batch that can be fitted
+            exactly still is (METHODS §2.2). Given: used as is, and ``"adaptive"`` is
+            ``AdaptiveDamping()`` (λ may fall to ``1e-8``, ``1.2e-4`` in float32; set a floor
+            with ``damping_policy=gn.AdaptiveDamping(min=..., loss_floor=...)``).
         damping_policy: ``"adaptive"`` (default, the gain-ratio rule), ``"constant"``,
             :class:`~gaussnewton.AdaptiveDamping`, or a schedule ``count -> λ``.
         line_search: ``"armijo"`` (default), :class:`~gaussnewton.Armijo` or ``None`` (fixed step).
@@ -115,7 +117,7 @@ def egn(
         >>> state = opt.init(p)
         >>> p, state, info = jax.jit(opt.step)(p, state, jnp.ones((8, 3)), jnp.zeros((8,)))
     """
-    if damping is None:  # the library default (METHODS §2.2): λ₀ = λ_min = 0.3 when adaptive
+    if damping is None:  # the library default (METHODS §2.2): λ₀ = 1e-3, adaptive: λ ≥ L(w)
         damping, damping_policy = default_damping(damping_policy)
     strict = not get_loss(loss).identity_curvature or curvature == "sampled"
     loss_obj = check_common(

@@ -372,7 +372,10 @@ class GaussNewtonOptimizer:
         actual = (loss_after - lin.loss).astype(lam.dtype)
         predicted = (lin_decrease + lin.quad(delta)).astype(lam.dtype)
         rho = gain_ratio(actual, predicted)
-        return rho, self.damping_policy.update(lam, rho)
+        lam_next = self.damping_policy.update(lam, rho)
+        if getattr(self.damping_policy, "loss_floor", 0.0):  # λ ≥ μ L(w) (AdaptiveDamping)
+            lam_next = self.damping_policy.with_loss_floor(lam_next, lin.loss)
+        return rho, lam_next
 
 
 def _mean_floats(axis: BatchAxis, tree: PyTree) -> PyTree:

@@ -124,14 +124,14 @@ def optax_factory(make_tx: Callable[..., optax.GradientTransformation]) -> Calla
     return factory
 
 
-_ADAPTIVE = ("min", "max", "increase", "decrease")
+_ADAPTIVE = ("min", "max", "increase", "decrease", "loss_floor")
 
 
 def gn_factory(function: str, *, takes_loss: bool = True, **preset: Any) -> Callable[..., Any]:
     """Factory for the method ``gaussnewton.<function>`` (``egn``, ``sgn``, ...) with ``preset``
     keyword arguments (overridable by the run's hyper-parameters).
 
-    Hyper-parameters ``damping_min`` / ``damping_max`` / ``damping_increase`` /
+    Hyper-parameters ``damping_min`` / ``damping_max`` / ``damping_increase`` / ``damping_loss_floor`` /
     ``damping_decrease`` configure the adaptive policy (``gn.AdaptiveDamping``).
     """
 
