@@ -121,3 +121,64 @@ def test_dtype_floor():
     assert gn.AdaptiveDamping(eps_floor=0.0).floor(jnp.float32) == 1e-8
     with pytest.raises(ValueError, match="eps_floor"):
         gn.AdaptiveDamping(eps_floor=-1.0)
+
+
+def test_library_default_floors_lambda_at_the_batch_loss():
+    """``gn.egn(model, loss=...)``: λ₀ = 1e-3 and ``AdaptiveDamping(loss_floor=1)`` (λ ≥ L(w));
+    an explicit ``damping`` or a constant policy keeps the former behaviour (METHODS §2.2)."""
+    model = lambda p, x: x @ p["w"]  # noqa: E731
+    opt = gn.egn(model, loss="squared_error")
+    assert opt.damping == 1e-3 and opt.damping_policy == gn.AdaptiveDamping(loss_floor=1.0)
+    assert gn.default_damping("adaptive") == (1e-3, gn.AdaptiveDamping(loss_floor=1.0))
+    explicit = gn.egn(model, loss="squared_error", damping=1e-3)
+    assert explicit.damping == 1e-3 and explicit.damping_policy == gn.AdaptiveDamping()
+    constant = gn.egn(model, loss="squared_error", damping_policy="constant")
+    assert constant.damping == 1e-3 and isinstance(constant.damping_policy, gn.ConstantDamping)
+    custom = gn.AdaptiveDamping(min=1e-2)
+    assert gn.egn(model, loss="squared_error", damping_policy=custom).damping_policy == custom
+    with pytest.raises(ValueError, match="loss_floor"):
+        gn.AdaptiveDamping(loss_floor=-1.0)
+
+
+def test_with_loss_floor_rule():
+    pol = gn.AdaptiveDamping(loss_floor=2.0, max=10.0)
+    np.testing.assert_allclose(pol.with_loss_floor(jnp.float64(0.1), jnp.float64(0.3)), 0.6)
+    np.testing.assert_allclose(pol.with_loss_floor(jnp.float64(1.0), jnp.float64(0.3)), 1.0)
+    np.testing.assert_allclose(pol.with_loss_floor(jnp.float64(0.1), jnp.float64(50.0)), 10.0)
+    lo = pol.with_loss_floor(jnp.float32(1e-9), jnp.float32(0.0))  # the dtype floor still holds
+    np.testing.assert_allclose(lo, 1000 * 2.0**-23, rtol=1e-6)
+
+
+def _mini_batch_lams(**egn_kwargs):
+    """λ and the batch loss of 60 steps on fresh mini-batches (b = 8) of a noisy sin target, an
+    over-parameterized model (D = 64 > b)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k1, (256, 3))
+    y = jnp.sin(2 * x[:, 0]) + 0.3 * jax.random.normal(k2, (256,))
+
+    def model(p, xx):
+        return jnp.tanh(xx @ p["w1"]) @ p["w2"]
+
+    params = {"w1": jax.random.normal(k3, (3, 16)) / 2, "w2": jnp.zeros(16)}
+    idx = jax.random.randint(jax.random.key(4), (60, 8), 0, 256)
+    opt = gn.egn(model, loss="squared_error", **egn_kwargs)
+
+    def body(carry, i):
+        p, s = carry
+        p, s, info = opt.step(p, s, x[i], y[i])
+        return (p, s), (info.damping, info.next_damping, info.loss, info.rejected)
+
+    out = jax.lax.scan(body, (params, opt.init(params)), idx)[1]
+    return (np.asarray(a) for a in out)
+
+
+def test_default_floor_holds_where_lambda_would_collapse():
+    """On fresh mini-batches the gain ratio on the batch that built the model stays high: with
+    ``damping=1e-3`` given λ falls towards 1e-8; the library default keeps λ ≥ L(w) after every
+    accepted step, i.e. at the noise level (the target's noise variance is 0.09: L ≳ 0.045)."""
+    lam, nxt, loss, rej = _mini_batch_lams()
+    ok = ~rej
+    assert np.all(nxt[ok] >= loss[ok] * (1 - 1e-12))
+    assert lam[0] == 1e-3 and lam[1:].min() > 1e-2
+    lam_old, *_ = _mini_batch_lams(damping=1e-3)
+    assert lam_old.min() < 1e-6  # the collapse the default prevents

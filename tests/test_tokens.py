@@ -81,9 +81,7 @@ def test_per_token_direction_matches_dense(loss, c, masked):
         mask = jnp.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 1]], jnp.float64)
         y = WeightedLabels(y, mask)
     # one compilation for both λ (eager op-by-op dispatch of the engine is the slow part)
-    direction = jax.jit(
-        lambda p, lam: gn.egn_direction(seq_model, p, x, y, loss=loss, damping=lam)
-    )
+    direction = jax.jit(lambda p, lam: gn.egn_direction(seq_model, p, x, y, loss=loss, damping=lam))
     for lam in (1e-4, 1e-1):
         d, info = direction(params, lam)
         ref = _dense_direction(params, x, y, loss, lam)

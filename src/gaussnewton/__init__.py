@@ -7,7 +7,13 @@ damping and momentum. See ``docs/METHODS.md`` for the mathematics.
 
 from gaussnewton._family import make_method
 from gaussnewton.adapters import from_equinox, from_nnx
-from gaussnewton.damping import AdaptiveDamping, ConstantDamping, DampingPolicy, DampingRule
+from gaussnewton.damping import (
+    AdaptiveDamping,
+    ConstantDamping,
+    DampingPolicy,
+    DampingRule,
+    default_damping,
+)
 from gaussnewton.directions import DirectionInfo, egn_direction
 from gaussnewton.dual import dual_gn, dual_gn_transform
 from gaussnewton.egn import egn
@@ -44,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveDamping",
+    "default_damping",
     "AutoSolver",
     "Armijo",
     "BatchLinearization",

@@ -34,6 +34,11 @@ float32 run (MLP 8-32-32-1, b = 64) ended with its mini-batch loss 1.9x above it
 0.6 % rejected steps; with 1e-4, 1.4x and none (docs/METHODS.md §2.2,
 ``benchmarks/damping_floor.py``).
 
+With ``loss_floor = μ > 0`` every update is followed by ``λ ← max(λ, μ L(w))`` (``L(w)`` the
+batch loss at the start of the step; :meth:`AdaptiveDamping.with_loss_floor`). ``gn.egn``'s default
+(``damping`` not given) is ``λ₀ = 1e-3`` with ``AdaptiveDamping(loss_floor=1)``
+(:func:`default_damping`; docs/METHODS.md §2.2, "The library default").
+
 Example:
     >>> import jax.numpy as jnp
     >>> import gaussnewton as gn
@@ -58,9 +63,18 @@ __all__ = [
     "ConstantDamping",
     "DampingPolicy",
     "DampingRule",
+    "DEFAULT_DAMPING",
+    "DEFAULT_LOSS_FLOOR",
     "as_damping_rule",
+    "default_damping",
     "gain_ratio",
 ]
+
+#: λ₀ of ``gn.egn`` when ``damping`` is not given (any policy)
+DEFAULT_DAMPING = 1e-3
+#: ``μ`` of the default adaptive policy's floor ``λ ≥ μ L(w)`` (docs/METHODS.md §2.2, "The
+#: library default")
+DEFAULT_LOSS_FLOOR = 1.0
 
 PyTree = Any
 
@@ -74,7 +88,9 @@ class DampingRule(Protocol):
     from the ``damping`` argument at step 0 and the parameters' float dtype.
     ``value(state, count=None)`` is the λ of the step at ``count`` accepted steps (a scalar
     array); with ``count=None`` the λ the state holds (reported as ``StepInfo.next_damping``).
-    ``update(state, rho, count=None)`` is the state kept after an accepted step at ``count``;
+    ``update(state, rho, count=None)`` is the state kept after an accepted step at ``count``
+    (a rule with a true ``uses_loss`` attribute, optional, also receives ``loss=L(w)``, the batch
+    loss at the start of the step, e.g. :class:`AdaptiveDamping` with ``loss_floor > 0``);
     ``on_rejected(state)`` the state kept after a rejected one (METHODS §6). All run inside
     ``jit``; the state's structure, shapes and dtypes must not change between steps.
 
@@ -146,7 +162,8 @@ class AdaptiveDamping(_ScalarDamping):
 
     Fields: ``increase`` (``ρ < lower``, > 1), ``decrease`` (``ρ > upper``, in (0, 1)), the clamp
     ``[min, max]`` raised to ``eps_floor · ε`` (``ε`` of λ's dtype, ``eps_floor >= 0``), the
-    thresholds ``lower <= upper``, and ``reject_increase`` (>= 1): the factor after a rejected step.
+    thresholds ``lower <= upper``, ``reject_increase`` (>= 1): the factor after a rejected step,
+    and ``loss_floor`` (>= 0): ``λ ≥ loss_floor · L(w)`` after every step (0: no such floor).
     """
 
     increase: float = 1.5
@@ -157,6 +174,7 @@ class AdaptiveDamping(_ScalarDamping):
     upper: float = 0.75
     reject_increase: float = 10.0
     eps_floor: float = 1000.0
+    loss_floor: float = 0.0
     uses_gain_ratio: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -179,21 +197,53 @@ class AdaptiveDamping(_ScalarDamping):
                 f"AdaptiveDamping(eps_floor={self.eps_floor!r}): must be >= 0, e.g. 1000 (0: no "
                 "dtype floor)."
             )
+        if not self.loss_floor >= 0.0:
+            raise ValueError(
+                f"AdaptiveDamping(loss_floor={self.loss_floor!r}): must be >= 0, e.g. 1 (0: no "
+                "floor from the loss)."
+            )
         if not self.lower <= self.upper:
             raise ValueError(
                 f"AdaptiveDamping(lower={self.lower!r}, upper={self.upper!r}): need lower <= upper."
             )
 
-    def update(self, lam: jax.Array, rho: jax.Array, count: jax.Array | None = None) -> jax.Array:
+    @property
+    def uses_loss(self) -> bool:
+        """Whether :meth:`update` needs ``loss`` (``loss_floor > 0``)."""
+        return self.loss_floor > 0
+
+    def update(
+        self,
+        lam: jax.Array,
+        rho: jax.Array,
+        count: jax.Array | None = None,
+        loss: jax.Array | None = None,
+    ) -> jax.Array:
         """The next λ from the gain ratio ``rho`` (``−inf``/NaN count as failures; ``count``
-        unused)."""
+        unused), then ``λ ≥ loss_floor · loss`` when ``loss_floor > 0`` and ``loss`` (the batch
+        loss at the start of the step) is given (:meth:`with_loss_floor`)."""
         fail = jnp.logical_not(rho >= self.lower)
         factor = jnp.where(fail, self.increase, jnp.where(rho > self.upper, self.decrease, 1.0))
-        return self._clamp(lam * factor)
+        lam = self._clamp(lam * factor)
+        if self.loss_floor and loss is not None:
+            lam = self.with_loss_floor(lam, loss)
+        return lam
 
     def on_rejected(self, lam: jax.Array) -> jax.Array:
         """λ after a rejected (non-finite) step: ``λ · reject_increase``, clamped."""
         return self._clamp(lam * self.reject_increase)
+
+    def with_loss_floor(self, lam: jax.Array, loss: jax.Array) -> jax.Array:
+        """``max(λ, loss_floor · L)`` (``L`` the batch loss at the start of the step), clamped.
+
+        The Levenberg-Marquardt rule ``λ ∝ ‖F‖²`` (Yamashita & Fukushima; Fan & Yuan) as a floor:
+        it falls with the loss, so a batch that can be fitted exactly is (superlinear convergence
+        on a fixed batch), while on fresh mini-batches of noisy data the batch loss stays at the
+        noise level and so does λ. :meth:`update` applies it when given the loss (the step loop
+        passes it when :attr:`uses_loss`).
+        """
+        lo = jnp.asarray(self.loss_floor, lam.dtype) * jnp.asarray(loss, lam.dtype)
+        return self._clamp(jnp.maximum(lam, lo))
 
     def floor(self, dtype) -> float:
         """The smallest λ in ``dtype``: ``max(min, eps_floor · ε)``, e.g. 1.2e-4 in float32."""
@@ -202,6 +252,32 @@ class AdaptiveDamping(_ScalarDamping):
     def _clamp(self, lam: jax.Array) -> jax.Array:
         lo = self.floor(lam.dtype)
         return jnp.clip(lam, lo, max(self.max, lo)).astype(lam.dtype)
+
+
+def default_damping(damping_policy) -> tuple[float, object]:
+    r"""``(λ₀, policy)`` of ``gn.egn`` when ``damping`` is not given (METHODS §2.2).
+
+    ``λ₀ = 1e-3``. With ``damping_policy="adaptive"`` (the default) the policy is
+    ``AdaptiveDamping(loss_floor=1)``: after every step ``λ ≥ L(w)``, ``L(w)`` the loss of the
+    step's batch at its start. The gain ratio ``ρ`` is measured on the batch that built the model
+    and stays near 1 for an over-parameterized network (``b·c < D``), so without a floor λ fell
+    every step to the dtype floor and each step interpolated its mini-batch (measured on five
+    tabular sets: ``benchmarks/defaults_criterion.py``); a floor proportional to the loss keeps
+    λ at the noise level of fresh mini-batches and still falls to 0 on a batch that can be fitted
+    exactly. Any other policy is returned as given. An explicit ``damping`` bypasses this
+    (``"adaptive"`` is then ``AdaptiveDamping()``).
+
+    Example:
+        >>> from gaussnewton.damping import default_damping
+        >>> lam, policy = default_damping("adaptive")
+        >>> lam, policy.loss_floor
+        (0.001, 1.0)
+        >>> default_damping("constant")
+        (0.001, 'constant')
+    """
+    if isinstance(damping_policy, str) and damping_policy == "adaptive":
+        return DEFAULT_DAMPING, AdaptiveDamping(loss_floor=DEFAULT_LOSS_FLOOR)
+    return DEFAULT_DAMPING, damping_policy
 
 
 @dataclasses.dataclass(frozen=True)

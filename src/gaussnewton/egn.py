@@ -17,7 +17,7 @@ from gaussnewton import _validate as v
 from gaussnewton._family import assemble, check_axis_name, check_common
 from gaussnewton._sharding import BatchAxis
 from gaussnewton._tree import tree_vdot, tree_zeros_like
-from gaussnewton.damping import DampingPolicy, DampingRule
+from gaussnewton.damping import DampingPolicy, DampingRule, default_damping
 from gaussnewton.directions import CURVATURES, linearize_and_solve
 from gaussnewton.gram import strategy_name
 from gaussnewton.linearization import with_output_axis
@@ -34,7 +34,7 @@ def egn(
     *,
     loss: LossLike,
     learning_rate: float | Schedule = 1.0,
-    damping: float | Schedule = 1e-3,
+    damping: float | Schedule | None = None,
     damping_policy: str | DampingRule | DampingPolicy | Schedule = "adaptive",
     line_search: str | StepSizeRule | LineSearch | None = "armijo",
     momentum: float = 0.0,
@@ -66,6 +66,14 @@ def egn(
             a :class:`~gaussnewton.losses.Loss` (e.g. :class:`~gaussnewton.ConvexLoss`).
         learning_rate: step size ``α`` (or ``α_max`` with a line search); number or schedule.
         damping: ``λ`` (start value for adaptive damping); number or schedule of the step count.
+            Not given: ``λ₀ = 1e-3`` and, with the default adaptive policy, the floor
+            ``λ ≥ L(w)`` after every step (``AdaptiveDamping(loss_floor=1)``, ``L(w)`` the batch
+            loss at the start of the step): on small mini-batches the gain ratio on the batch that
+            built the model would otherwise drive λ to the dtype floor and each step would
+            interpolate its batch; the floor falls with the loss, so a batch that can be fitted
+            exactly still is (METHODS §2.2). Given: used as is, and ``"adaptive"`` is
+            ``AdaptiveDamping()`` (λ may fall to ``1e-8``, ``1.2e-4`` in float32; set a floor
+            with ``damping_policy=gn.AdaptiveDamping(min=..., loss_floor=...)``).
         damping_policy: ``"adaptive"`` (default, the gain-ratio rule), ``"constant"``,
             :class:`~gaussnewton.AdaptiveDamping`, :class:`~gaussnewton.ConstantDamping`, a
             schedule ``count -> λ``, or any :class:`~gaussnewton.DampingRule` (its state is
@@ -113,6 +121,8 @@ def egn(
         >>> state = opt.init(p)
         >>> p, state, info = jax.jit(opt.step)(p, state, jnp.ones((8, 3)), jnp.zeros((8,)))
     """
+    if damping is None:  # the library default (METHODS §2.2): λ₀ = 1e-3, adaptive: λ ≥ L(w)
+        damping, damping_policy = default_damping(damping_policy)
     strict = not get_loss(loss).identity_curvature or curvature == "sampled"
     loss_obj = check_common(
         model_fn, loss, learning_rate, damping, momentum, tx, damping_strict=strict

@@ -273,7 +273,8 @@ class GaussNewtonOptimizer:
             rho = _gain_ratio(lin, tree_scale(alpha_max, d), slope * alpha_max, loss_full, dt)
         elif damping.uses_gain_ratio:
             rho = _gain_ratio(lin, delta, slope * alpha, loss_after, dt)
-        damping_state = damping.update(state.damping, rho, count=state.count)
+        extra = {"loss": lin.loss.astype(dt)} if getattr(damping, "uses_loss", False) else {}
+        damping_state = damping.update(state.damping, rho, count=state.count, **extra)
         new_params = tree_axpy(1.0, delta, params)
 
         ok = (

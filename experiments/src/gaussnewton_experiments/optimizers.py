@@ -124,14 +124,14 @@ def optax_factory(make_tx: Callable[..., optax.GradientTransformation]) -> Calla
     return factory
 
 
-_ADAPTIVE = ("min", "max", "increase", "decrease")
+_ADAPTIVE = ("min", "max", "increase", "decrease", "loss_floor")
 
 
 def gn_factory(function: str, *, takes_loss: bool = True, **preset: Any) -> Callable[..., Any]:
     """Factory for the method ``gaussnewton.<function>`` (``egn``, ``sgn``, ...) with ``preset``
     keyword arguments (overridable by the run's hyper-parameters).
 
-    Hyper-parameters ``damping_min`` / ``damping_max`` / ``damping_increase`` /
+    Hyper-parameters ``damping_min`` / ``damping_max`` / ``damping_increase`` / ``damping_loss_floor`` /
     ``damping_decrease`` configure the adaptive policy (``gn.AdaptiveDamping``).
     """
 
@@ -191,6 +191,13 @@ register_optimizer(
     defaults=_EGN_DEFAULTS,
     grid=EGN_GRID,
     description="EGN: Armijo line search (alpha_max = learning_rate) + adaptive λ with a floor",
+)
+register_optimizer(
+    "egn-default",
+    gn_factory("egn"),
+    defaults={},
+    grid=(),
+    description="gn.egn with the library's defaults: only the model and the loss are given",
 )
 register_optimizer(
     "egn-fixed",

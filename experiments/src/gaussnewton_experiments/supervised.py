@@ -129,11 +129,27 @@ def _make_eval(model_fn, ds: Dataset, loss: str, eval_batch: int, part: str = "e
     return metrics
 
 
+def _cast(dtype: str, params, x, y):
+    """Floating parameters, inputs and targets in ``dtype`` (option ``dtype``)."""
+    dt = jnp.dtype(dtype)
+    if dt == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"option dtype={dtype!r} needs float64 enabled: jax.config.update('jax_enable_x64', "
+            "True) before the run (or JAX_ENABLE_X64=1)."
+        )
+
+    def one(a):
+        return a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree_util.tree_map(one, params), one(x), one(y)
+
+
 def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     """Train one configuration; yield an evaluation row at step 0 and every ``eval_every`` steps.
 
     ``cfg.options``: ``dataset`` (name), ``model`` ("mlp" | "cnn" | "transformer"), optional
-    ``dataset_kwargs``, ``hidden``, ``activation``, ``eval_batch``. The row's primary metric is stored under both its
+    ``dataset_kwargs``, ``hidden``, ``activation``, ``eval_batch``, ``dtype`` (e.g. ``"float64"``:
+    parameters, inputs and targets in that dtype; needs ``jax_enable_x64``). The row's primary metric is stored under both its
     own name (``test_rmse`` / ``test_accuracy``, or ``val_*`` on the validation split) and
     ``metric``. On the test split every row also holds the same metric on the validation part
     (``val_rmse`` / ``val_accuracy`` and ``val_metric``), which the summary uses to select an
@@ -165,9 +181,11 @@ def run_supervised(cfg: RunConfig) -> Iterator[dict[str, Any]]:
     model_fn, params = make_model(
         opts.get("model", "mlp"), init_key, ds.x_train.shape[1:], ds.num_outputs, **model_kw
     )
+    x_all, y_all = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    if opts.get("dtype") is not None:  # e.g. "float64" (needs jax_enable_x64)
+        params, x_all, y_all = _cast(opts["dtype"], params, x_all, y_all)
     opt = get_optimizer(cfg.optimizer).build(model_fn, loss, hp)
     state = opt.init(params)
-    x_all, y_all = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     params, state, x_all, y_all = dp.replicate((params, state, x_all, y_all))
     eval_batch = int(opts.get("eval_batch", 2048))
     evaluate_split = _make_eval(model_fn, ds, loss, eval_batch)
@@ -284,6 +302,7 @@ SUPERVISED_OPTIONS = (
     "activation",
     "eval_batch",
     "trace",
+    "dtype",
 )
 
 
