@@ -62,6 +62,31 @@ def test_matches_dense_reference_float64(loss, c, gram):
         np.testing.assert_allclose(info.directional_derivative, grad @ ref, rtol=1e-8)
 
 
+def _saturated(params, x):
+    """``mlp`` with example 0's class-0 logit raised by 800: its other classes have ``p = 0``
+    in float64 (``e⁻⁸⁰⁰`` underflows)."""
+    return mlp(params, x) + jnp.zeros((B, 3), x.dtype).at[0, 0].set(800.0)
+
+
+@pytest.mark.parametrize("gram", ["jacobian", "structured"])
+def test_softmax_label_outside_the_floating_point_range(gram):
+    """Example 0's label (class 1) has ``p = 0``: ``g`` is not in the range of ``S`` there, so
+    the range form takes its ``r ≠ 0`` branch (one more VJP + JVP, run only then). Float64
+    against the dense reference to 1e-8, as the in-range cases above; the branch matters:
+    skipping it (checked by hand) gives a relative error of 5."""
+    params, x, _ = _problem("softmax_cross_entropy", 3)
+    y = jnp.array([1, 0, 2, 1, 0, 2])
+    p0 = jax.nn.softmax(_saturated(params, x)[0])
+    assert p0[1] == 0.0 and p0[2] == 0.0  # the premise: the label's probability underflowed
+    for lam in (1e-3, 1.0):
+        d, info = _direction(
+            params, x, y, lam, model_fn=_saturated, loss="softmax_cross_entropy", gram=gram
+        )
+        ref, grad = dense_lm_direction(_saturated, params, x, y, "softmax_cross_entropy", lam)
+        assert rel_err(flat(d), ref) < 1e-8, lam
+        assert rel_err(flat(info.grad), grad) < 1e-12
+
+
 def test_scalar_output_model_and_convex_loss():
     """``(b,)`` outputs, and a user ConvexLoss (pseudo-Huber, non-constant Q) through the Woodbury path."""
     params, x, y = _problem("squared_error", 1)
@@ -170,3 +195,30 @@ def test_tiled_row_space_solve_matches_dense_reference(monkeypatch, loss, c, gra
         # float32 through the tiles: the same 2e-3 as the single-Cholesky float32 test
         d32 = tiled(to32(params), to32(x), to32(y), jnp.float32(lam))
         assert rel_err(flat(d32), ref) < 2e-3, (loss, lam)
+
+
+@pytest.mark.parametrize(
+    "loss,c,model",
+    [
+        ("squared_error", 3, mlp),
+        ("softmax_cross_entropy", 3, mlp),
+        ("softmax_cross_entropy", 3, _saturated),  # r ≠ 0: ∇L by its own VJP
+        ("sigmoid_binary_cross_entropy", 1, mlp),
+    ],
+)
+def test_gradient_free_step_reports_the_reference_slope_and_gradient_norm(loss, c, model):
+    """A step that applies ``d`` as is (no momentum, no tx) skips the gradient's backward pass:
+    ``∇Lᵀd`` and ``‖∇L‖`` come from the row-space solve (``gᵀJd/b``, ``√(gᵀKg)/b``). Float64,
+    against the dense reference to 1e-8 (the solve's accuracy, as above); the step itself is
+    ``params + d`` exactly as with the gradient computed (momentum 0 is the other path)."""
+    params, x, y = _problem(loss, c)
+    if model is _saturated:
+        y = jnp.array([1, 0, 2, 1, 0, 2])
+    lam = 1e-2
+    ref, grad = dense_lm_direction(model, params, x, y, loss, lam)
+    kw = dict(loss=loss, damping=lam, damping_policy="constant", line_search=None)
+    for opt in (gn.egn(model, **kw), gn.egn(model, momentum=1e-12, **kw)):
+        p1, _, info = jax.jit(opt.step)(params, opt.init(params), x, y)
+        assert rel_err(flat(p1) - flat(params), ref) < 1e-8
+        np.testing.assert_allclose(info.grad_norm, np.linalg.norm(grad), rtol=1e-8)
+        np.testing.assert_allclose(info.directional_derivative, grad @ ref, rtol=1e-8)

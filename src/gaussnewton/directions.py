@@ -79,6 +79,9 @@ class _Linearization(NamedTuple):
     labels_ok: jax.Array | bool = True  # the labels passed the loss's checks (traced)
     identity_scale: float = 1.0  # q of Q = q I when identity (1/T for unweighted tokens)
     quad_direction: jax.Array | None = None  # ½ dᵀHd from row-space quantities (no JVP)
+    # grad = None (need_grad=False): ∇Lᵀd and ‖∇L‖ from row-space quantities instead
+    slope: jax.Array | None = None
+    grad_norm: jax.Array | None = None
 
 
 def _curvature_factor(
@@ -98,10 +101,19 @@ def _curvature_factor(
 
 
 def _gram_solve(
-    fn, params, x, strategy: str, shift: jax.Array, rhs: jax.Array, axis: BatchAxis = NO_AXIS
-) -> jax.Array:
+    fn,
+    params,
+    x,
+    strategy: str,
+    shift: jax.Array,
+    rhs: jax.Array,
+    axis: BatchAxis = NO_AXIS,
+    with_form: bool = False,
+):
     """``u = (K + shift I)⁻¹ rhs`` for the Gram ``K`` of ``fn`` on ``x``; ``rhs``, ``u``: ``(b, k)``
-    (or ``(b, k, m)``: ``m`` right-hand sides, one factorization).
+    (or ``(b, k, m)``: ``m`` right-hand sides, one factorization). With ``with_form`` it returns
+    ``(u, wᵀ K w)`` for ``w`` the (first) right-hand side of the whole batch, from the tiles the
+    solve forms (``2 (bk)²`` flops: ``‖Jᵀ w‖²`` without a VJP).
 
     The Gram is built tile by tile over example blocks of about ``TILE_ROWS / k`` examples from
     one set of per-example factors (:func:`gaussnewton.gram.gram_factors`) and solved by the tile
@@ -128,11 +140,29 @@ def _gram_solve(
         t = block(parts[i]) if i == j else block(parts[i], parts[j])
         return t.reshape(sizes[i], sizes[j]).astype(rhs.dtype)
 
-    diag = [tile(i, i) for i in range(nt)]  # formed once, reused by the factorization
-    diag = [_floored(t, shift) for t in diag]
+    raw = [tile(i, i) for i in range(nt)]  # formed once, reused by the factorization
+    diag = [_floored(t, shift) for t in raw]
+    formed: dict[tuple[int, int], jax.Array] = {}
+
+    def lower(i: int, j: int) -> jax.Array:
+        if i == j:
+            return diag[i]
+        formed[i, j] = tile(i, j)
+        return formed[i, j]
+
     flat = rhs.reshape((b * k,) + rhs.shape[2:])
-    solved = solve_tiled_spd(lambda i, j: diag[i] if i == j else tile(i, j), sizes, shift, flat)
-    return like_batch(axis.local(solved.reshape(rhs.shape)), local_rhs)
+    solved = solve_tiled_spd(lower, sizes, shift, flat)
+    u = like_batch(axis.local(solved.reshape(rhs.shape)), local_rhs)
+    if not with_form:
+        return u
+    w = flat if rhs.ndim == 2 else flat[:, 0]
+    starts = [sum(sizes[:i]) for i in range(nt)]
+    part = [w[a : a + n] for a, n in zip(starts, sizes, strict=True)]
+    form = sum(part[i] @ (raw[i] @ part[i]) for i in range(nt))
+    for (i, j), t_ij in formed.items():  # the lower tiles, each standing for itself and K_ji
+        form = form + 2.0 * (part[i] @ (t_ij @ part[j]))
+    # every device holds the same value; the mean over the axis types it as replicated
+    return u, axis.mean(form)
 
 
 #: the smallest shift of a row of a row-space system, in units of ``ε · K_ii`` (see _floored)
@@ -184,6 +214,9 @@ class SolveProblem(NamedTuple):
     key: jax.Array | None = None
     warm_start: PyTree | None = None
     axis: BatchAxis = NO_AXIS  # the batch axis inside shard_map (x, y: this device's block)
+    # False: the caller applies d as is (no momentum, no tx) and needs ∇L only through ∇Lᵀd and
+    # ‖∇L‖; a solver may then return grad=None with slope and grad_norm from the row space
+    need_grad: bool = True
 
 
 def linearize_and_solve(
@@ -201,6 +234,7 @@ def linearize_and_solve(
     key: jax.Array | None = None,
     warm_start: PyTree | None = None,
     axis: BatchAxis = NO_AXIS,
+    need_grad: bool = True,
 ) -> _Linearization:
     """batch → outputs, loss, g, S → Gram (or ``K v``) → solve → one VJP back (internal workhorse).
 
@@ -223,6 +257,7 @@ def linearize_and_solve(
         key,
         warm_start,
         axis,
+        need_grad,
     )
     return solver.solve(problem)
 
@@ -299,16 +334,20 @@ def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linea
             return _Linearization(lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok)
 
     if q is not None:  # Q = q I: (qK + bλI) u = g, i.e. (K + (bλ/q) I) u = g / q
-        u = _gram_solve(
-            flat_fn, params, x, gram_strategy, blam / q, g.reshape(bl, -1).astype(dt) / q, axis
-        )
-        cot = jnp.stack([g / b, -u.reshape(f.shape).astype(f.dtype)])
-        both = jax.vmap(lin.vjp)(cot)
-        grad = jax.tree_util.tree_map(lambda a: a[0], both)
-        direction = jax.tree_util.tree_map(lambda a: a[1], both)
-        empty = jnp.zeros(f.shape + (0,), f.dtype)
+        gq = g.reshape(bl, -1).astype(dt) / q
+        u, gkg = _gram_solve(flat_fn, params, x, gram_strategy, blam / q, gq, axis, True)
         # J d = −K u = (bλu − g)/q since (qK + bλI) u = g: ½ dᵀHd = ‖bλu − g‖² / (2 q b), no JVP
         jd = blam * u - g.reshape(bl, -1).astype(dt)
+        if problem.need_grad:  # ∇L and d in one two-cotangent VJP
+            both = jax.vmap(lin.vjp)(jnp.stack([g / b, -u.reshape(f.shape).astype(f.dtype)]))
+            grad = jax.tree_util.tree_map(lambda a: a[0], both)
+            direction = jax.tree_util.tree_map(lambda a: a[1], both)
+            slope = grad_norm = None
+        else:  # d alone; ∇Lᵀd = gᵀJd / b and ‖∇L‖² = q² (g/q)ᵀK(g/q) / b² from the row space
+            direction, grad = lin.vjp(-u.reshape(f.shape).astype(f.dtype)), None
+            slope = axis.sum(jnp.sum(g.reshape(bl, -1).astype(dt) * jd)) / (q * b)
+            grad_norm = q * jnp.sqrt(jnp.maximum(gkg, 0.0)) / b
+        empty = jnp.zeros(f.shape + (0,), f.dtype)
         return _Linearization(
             lin.loss,
             grad,
@@ -318,6 +357,8 @@ def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linea
             labels_ok=lin.labels_ok,
             identity_scale=q,
             quad_direction=0.5 * axis.sum(jnp.sum(jnp.square(jd))) / (q * b),
+            slope=slope,
+            grad_norm=grad_norm,
         )
 
     s = _curvature_factor(loss, f, lin.labels, curvature, num_samples, key, axis)  # (b, *tok, c, r)
@@ -348,22 +389,55 @@ def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linea
     # range form: g = S t + r per token (r = 0 where g ∈ range(S)); the part S t needs no 1/λ:
     #   d = −Jᵀ S (SᵀKS + bλI)⁻¹ t  −  (1/λ) Jᵀ(r/b − S v_r),  v_r = (SᵀKS + bλI)⁻¹ SᵀJJᵀ r / b
     t, r = in_range
-    both = jax.vmap(lin.vjp)(jnp.stack([g / b, (r / b).astype(f.dtype)]))
-    grad = jax.tree_util.tree_map(lambda a: a[0], both)
-    grad_r = jax.tree_util.tree_map(lambda a: a[1], both)  # Jᵀ r / b
-    _, jgr = jax.jvp(lambda p: fn(p, x), (params,), (grad_r,))
-    rhs = jnp.stack(
-        [t.astype(dt).reshape(bl, -1), project(sd, jgr.astype(dt)).reshape(bl, -1)], axis=-1
-    )
-    v = _gram_solve(projected, params, s_fixed, gram_strategy, blam, rhs, axis)
+    r = r.astype(f.dtype)
+
+    def range_defect_rhs():  # Sᵀ J Jᵀ r / b: one VJP and one JVP, only when some r ≠ 0
+        grad_r = lin.vjp(r / b)
+        _, jgr = jax.jvp(lambda p: fn(p, x), (params,), (grad_r,))
+        return project(sd, jgr.astype(dt)).reshape(bl, -1)
+
+    # r = 0 for every token whose label has p > tiny (the usual case): the branch is skipped at
+    # run time (lax.cond), so the range form costs one solve and one VJP like the identity case
+    # (the predicate is a psum over the batch axis: every device takes the same branch)
+    tb = t.astype(dt).reshape(bl, -1)
+    defect = axis.sum(jnp.sum(jnp.abs(r))) > 0
+    rhs_r = jax.lax.cond(defect, range_defect_rhs, lambda: jnp.zeros_like(tb))
+    rhs = jnp.stack([tb, rhs_r], axis=-1)
+    v, tmt = _gram_solve(projected, params, s_fixed, gram_strategy, blam, rhs, axis, True)
     v_t, v_r = (v[..., i].reshape((bl,) + tok_r) for i in range(2))
     cot = expand(sd, v_t) + (r.astype(dt) / b - expand(sd, v_r)) / lam
-    direction = lin.vjp(-cot.astype(f.dtype))
     # Sᵀ J d = bλ v_t − t − b v_r (from M v_t = t, M v_r = SᵀJJᵀr/b): ½ dᵀHd without a JVP
     sjd = blam * v_t - t.astype(dt) - b * v_r
     quad_d = 0.5 * axis.sum(jnp.sum(jnp.square(sjd))) / b
+    if problem.need_grad:  # ∇L and d in one two-cotangent VJP
+        both = jax.vmap(lin.vjp)(jnp.stack([g / b, -cot.astype(f.dtype)]))
+        grad = jax.tree_util.tree_map(lambda a: a[0], both)
+        direction = jax.tree_util.tree_map(lambda a: a[1], both)
+        return _Linearization(
+            lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok, quad_direction=quad_d
+        )
+    direction = lin.vjp(-cot.astype(f.dtype))
+
+    def row_space():  # r = 0: ∇L = JᵀSt/b, d = −JᵀS v_t, SᵀKS v_t = t − bλ v_t
+        tt = axis.sum(jnp.sum(jnp.square(tb)))
+        slope = -(tt - blam * axis.sum(jnp.sum(tb * v_t.reshape(bl, -1)))) / b
+        return slope, jnp.sqrt(jnp.maximum(tmt, 0.0)) / b  # ‖∇L‖² = tᵀ(SᵀKS)t / b²
+
+    def by_vjp():  # some r ≠ 0 (rare): ∇L by its own VJP
+        grad = lin.vjp(g / b)
+        return tree_vdot(grad, direction).astype(dt), tree_norm(grad).astype(dt)
+
+    slope, grad_norm = jax.lax.cond(defect, by_vjp, row_space)
     return _Linearization(
-        lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok, quad_direction=quad_d
+        lin.loss,
+        None,
+        direction,
+        s,
+        False,
+        labels_ok=lin.labels_ok,
+        quad_direction=quad_d,
+        slope=slope,
+        grad_norm=grad_norm,
     )
 
 

@@ -161,6 +161,7 @@ def egn(
             solver=solver_obj,
             warm_start=method_state if warm else None,
             axis=axis,
+            need_grad=not free_quad,  # d applied as is: ∇Lᵀd and ‖∇L‖ from the row space
         )
         if free_quad and lin.quad_direction is not None:
             quad = _scaled_quad(lin.direction, lin.quad_direction)
@@ -178,6 +179,8 @@ def egn(
             lin.cg_residual,
             nxt,
             labels_ok=lin.labels_ok,
+            slope=lin.slope,
+            grad_norm=lin.grad_norm,
         )
 
     return assemble(

@@ -126,6 +126,9 @@ class Direction(NamedTuple):
     kept only when the step is accepted.
     ``after_step``, when given, replaces ``method_state``: it is called with the applied update ``Δ``
     and returns the next method state (e.g. an L-BFGS curvature pair ``(Δ, ∇L(w + Δ) − ∇L(w))``).
+    ``grad`` may be ``None`` when the step applies ``direction`` unchanged (no momentum, no
+    ``tx``); ``slope = ∇Lᵀd`` and ``grad_norm = ‖∇L‖`` are then given instead (EGN computes them
+    from the row-space solve and saves the gradient's backward pass).
     """
 
     loss: jax.Array
@@ -137,6 +140,8 @@ class Direction(NamedTuple):
     method_state: PyTree = ()
     after_step: Callable[[PyTree], PyTree] | None = None
     labels_ok: jax.Array | bool = True
+    slope: jax.Array | None = None
+    grad_norm: jax.Array | None = None
 
 
 Linearization = Direction  # the former name
@@ -257,7 +262,15 @@ class GaussNewtonOptimizer:
         lin = self.direction_fn(fn, params, x, y, lam, key, state.method_state)
         d, momentum = self._apply_momentum(lin.direction, state)
         d, tx_state = self._apply_tx(d, state.tx_state, params)
-        slope = tree_vdot(lin.grad, d).astype(dt)
+        if lin.grad is None:  # the direction function gave ∇Lᵀd and ‖∇L‖ (d applied as is)
+            if self.momentum or self.tx is not None:
+                raise ValueError(
+                    "the direction function returned grad=None, which needs a step that applies "
+                    "its direction unchanged: momentum=0 and tx=None; return the gradient."
+                )
+            slope, grad_norm = jnp.asarray(lin.slope, dt), jnp.asarray(lin.grad_norm, dt)
+        else:
+            slope, grad_norm = tree_vdot(lin.grad, d).astype(dt), tree_norm(lin.grad).astype(dt)
         loss_at = self._loss_along(fn, params, d, x, y)
         alpha_max = jnp.asarray(_as_schedule(self.learning_rate)(state.count), dt)
         search, step_size_state = step_size.update(
@@ -279,7 +292,8 @@ class GaussNewtonOptimizer:
 
         ok = (
             jnp.isfinite(lin.loss)
-            & tree_all_finite(lin.grad)
+            & jnp.isfinite(grad_norm)
+            & jnp.isfinite(slope)
             & tree_all_finite(d)
             & tree_all_finite(new_params)
             & jnp.isfinite(loss_after)  # never a step into a non-finite region
@@ -307,7 +321,7 @@ class GaussNewtonOptimizer:
         info = StepInfo(
             loss=lin.loss.astype(dt),
             loss_after=loss_after,
-            grad_norm=tree_norm(lin.grad).astype(dt),
+            grad_norm=grad_norm,
             direction_norm=tree_norm(d).astype(dt),
             directional_derivative=slope,
             damping=lam,
