@@ -391,17 +391,20 @@ def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linea
     t, r = in_range
     r = r.astype(f.dtype)
 
-    def range_defect_rhs():  # Sᵀ J Jᵀ r / b: one VJP and one JVP, only when some r ≠ 0
+    def range_defect_rhs():  # Sᵀ J Jᵀ r / b and ‖Jᵀr/b‖²: one VJP, one JVP, only when r ≠ 0
         grad_r = lin.vjp(r / b)
         _, jgr = jax.jvp(lambda p: fn(p, x), (params,), (grad_r,))
-        return project(sd, jgr.astype(dt)).reshape(bl, -1)
+        sq = jnp.square(tree_norm(grad_r)).astype(dt)
+        return project(sd, jgr.astype(dt)).reshape(bl, -1), sq
 
     # r = 0 for every token whose label has p > tiny (the usual case): the branch is skipped at
     # run time (lax.cond), so the range form costs one solve and one VJP like the identity case
     # (the predicate is a psum over the batch axis: every device takes the same branch)
     tb = t.astype(dt).reshape(bl, -1)
     defect = axis.sum(jnp.sum(jnp.abs(r))) > 0
-    rhs_r = jax.lax.cond(defect, range_defect_rhs, lambda: jnp.zeros_like(tb))
+    rhs_r, grad_r_sq = jax.lax.cond(
+        defect, range_defect_rhs, lambda: (jnp.zeros_like(tb), jnp.zeros((), dt))
+    )
     rhs = jnp.stack([tb, rhs_r], axis=-1)
     v, tmt = _gram_solve(projected, params, s_fixed, gram_strategy, blam, rhs, axis, True)
     v_t, v_r = (v[..., i].reshape((bl,) + tok_r) for i in range(2))
@@ -417,17 +420,25 @@ def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linea
             lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok, quad_direction=quad_d
         )
     direction = lin.vjp(-cot.astype(f.dtype))
+    # ∇L = Jᵀ(St + r)/b and d = −Jᵀc, c = S v_t + (r/b − S v_r)/λ: every term of ∇Lᵀd and ‖∇L‖²
+    # is a row-space product, with SᵀKS v = rhs − bλ v, SᵀKr = b·rhs_r and rᵀKr = b²‖Jᵀr/b‖²
+    # (r = 0: ∇Lᵀd = −(tᵀt − bλ tᵀv_t)/b, ‖∇L‖² = tᵀ(SᵀKS)t/b²)
+    vt, vr = v_t.reshape(bl, -1), v_r.reshape(bl, -1)
 
-    def row_space():  # r = 0: ∇L = JᵀSt/b, d = −JᵀS v_t, SᵀKS v_t = t − bλ v_t
-        tt = axis.sum(jnp.sum(jnp.square(tb)))
-        slope = -(tt - blam * axis.sum(jnp.sum(tb * v_t.reshape(bl, -1)))) / b
-        return slope, jnp.sqrt(jnp.maximum(tmt, 0.0)) / b  # ‖∇L‖² = tᵀ(SᵀKS)t / b²
+    def dot(a, c):
+        return axis.sum(jnp.sum(a * c))
 
-    def by_vjp():  # some r ≠ 0 (rare): ∇L by its own VJP
-        grad = lin.vjp(g / b)
-        return tree_vdot(grad, direction).astype(dt), tree_norm(grad).astype(dt)
-
-    slope, grad_norm = jax.lax.cond(defect, by_vjp, row_space)
+    slope = (
+        -(
+            dot(tb, tb)
+            - blam * dot(tb, vt)
+            + b * dot(tb, vr)
+            + b * dot(rhs_r, vt)
+            + (b * grad_r_sq - b * dot(rhs_r, vr)) / lam
+        )
+        / b
+    )
+    grad_norm = jnp.sqrt(jnp.maximum(tmt / b**2 + 2 * dot(tb, rhs_r) / b + grad_r_sq, 0.0))
     return _Linearization(
         lin.loss,
         None,
