@@ -292,8 +292,11 @@ class GaussNewtonOptimizer:
 
         ok = (
             jnp.isfinite(lin.loss)
-            & jnp.isfinite(grad_norm)
-            & jnp.isfinite(slope)
+            & (
+                tree_all_finite(lin.grad)
+                if lin.grad is not None
+                else jnp.isfinite(grad_norm) & jnp.isfinite(slope)
+            )
             & tree_all_finite(d)
             & tree_all_finite(new_params)
             & jnp.isfinite(loss_after)  # never a step into a non-finite region
