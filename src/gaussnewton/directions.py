@@ -338,10 +338,8 @@ def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linea
         u, gkg = _gram_solve(flat_fn, params, x, gram_strategy, blam / q, gq, axis, True)
         # J d = −K u = (bλu − g)/q since (qK + bλI) u = g: ½ dᵀHd = ‖bλu − g‖² / (2 q b), no JVP
         jd = blam * u - g.reshape(bl, -1).astype(dt)
-        if problem.need_grad:  # ∇L and d in one two-cotangent VJP
-            both = jax.vmap(lin.vjp)(jnp.stack([g / b, -u.reshape(f.shape).astype(f.dtype)]))
-            grad = jax.tree_util.tree_map(lambda a: a[0], both)
-            direction = jax.tree_util.tree_map(lambda a: a[1], both)
+        if problem.need_grad:
+            grad, direction = _grad_and_direction(lin.vjp, g / b, -u.reshape(f.shape))
             slope = grad_norm = None
         else:  # d alone; ∇Lᵀd = gᵀJd / b and ‖∇L‖² = q² (g/q)ᵀK(g/q) / b² from the row space
             direction, grad = lin.vjp(-u.reshape(f.shape).astype(f.dtype)), None
@@ -412,10 +410,8 @@ def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linea
     # Sᵀ J d = bλ v_t − t − b v_r (from M v_t = t, M v_r = SᵀJJᵀr/b): ½ dᵀHd without a JVP
     sjd = blam * v_t - t.astype(dt) - b * v_r
     quad_d = 0.5 * axis.sum(jnp.sum(jnp.square(sjd))) / b
-    if problem.need_grad:  # ∇L and d in one two-cotangent VJP
-        both = jax.vmap(lin.vjp)(jnp.stack([g / b, -cot.astype(f.dtype)]))
-        grad = jax.tree_util.tree_map(lambda a: a[0], both)
-        direction = jax.tree_util.tree_map(lambda a: a[1], both)
+    if problem.need_grad:
+        grad, direction = _grad_and_direction(lin.vjp, g / b, -cot)
         return _Linearization(
             lin.loss, grad, direction, s, False, labels_ok=lin.labels_ok, quad_direction=quad_d
         )
@@ -450,6 +446,12 @@ def solve_exact(problem: SolveProblem, use_parameter_space: SpaceRule) -> _Linea
         slope=slope,
         grad_norm=grad_norm,
     )
+
+
+def _grad_and_direction(vjp, grad_cot: jax.Array, direction_cot: jax.Array):
+    """``(Jᵀ grad_cot, Jᵀ direction_cot)`` in one two-cotangent VJP (``∇L`` and ``d``)."""
+    both = jax.vmap(vjp)(jnp.stack([grad_cot, direction_cot.astype(grad_cot.dtype)]))
+    return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], both) for i in range(2))
 
 
 def _range_coefficients(loss: Loss, f, labels):
