@@ -10,7 +10,8 @@ For each problem it measures, in ONE process and side by side:
 * the DEFAULT step as a user calls it (``gn.egn(model, loss=...)``: Armijo line search, adaptive
   damping, ``gram="auto"``) over Adam, timed after ``WARM`` default steps on fresh batches (where
   λ and α have adapted; the line-search trials of the timed step are reported), and the first-call
-  (trace + compile + run) time of both,
+  (trace + compile + run) time of both, and the same default step called without ``jax.jit``
+  (concrete arrays, as a user who forgets it would: the step compiles itself),
 * on small models (``D`` parameters < ``b r`` rows: LQR quadratic features, the sine MLP) the
   plain step with the row-space and with the parameter-space solve
   (:mod:`gaussnewton.param_space`),
@@ -346,6 +347,19 @@ def run_problem(p: Problem, steps: int, quick: bool, skip_gram: bool = False) ->
         f"  default egn step {row['egn_default_step_ms']:.2f} ms "
         f"({row['egn_default_over_adam']:.1f}x Adam; {row['egn_default_ls_trials']} line-search "
         f"trial(s) at the timed state, after {WARM} steps)",
+        flush=True,
+    )
+    # the same default step called as a user who forgets jax.jit would (concrete arrays): it
+    # compiles itself once per optimizer and shapes (GaussNewtonOptimizer.step), not op by op
+    eager = gn.egn(f, loss=p.loss, curvature=p.curvature)
+    row["egn_default_nojit_first_call_s"] = first_call_s(
+        eager.step, default_params, default_state, x, y
+    )
+    nojit_t = timed(eager.step, default_params, default_state, x, y, reps=per, budget_s=1e9)
+    row["egn_default_nojit_step_ms"] = 1e3 * statistics.median(nojit_t)
+    print(
+        f"  default egn step without jax.jit {row['egn_default_nojit_step_ms']:.2f} ms "
+        f"(first call {row['egn_default_nojit_first_call_s']:.1f} s)",
         flush=True,
     )
     print(

@@ -105,6 +105,34 @@ def test_step_compiles_once(regression_problem):
     assert len(traces) == n_traces  # no retracing of the model either
 
 
+def test_step_called_without_jit_runs_compiled(regression_problem):
+    """``opt.step`` on concrete arrays (a user who forgets ``jax.jit``) compiles once and then
+    reuses it: the model is traced on the first call only (op-by-op it would run on every call),
+    the result is that of ``jax.jit(opt.step)`` (the same program: equal to float32 rounding of
+    reassociated reductions, 1e-6), and concrete bad labels still raise the documented error."""
+    model_fn, params, x, y = regression_problem
+    calls = []
+
+    def counted(p, xb):
+        calls.append(1)
+        return model_fn(p, xb)
+
+    opt = gn.egn(counted, loss="squared_error")
+    state = opt.init(params)
+    p1, s1, _ = opt.step(params, state, x, y)
+    n_calls = len(calls)
+    for i in range(3):
+        p1, s1, info = opt.step(p1, s1, x + 0.01 * i, np.asarray(y))  # numpy labels: same trace
+    assert len(calls) == n_calls and not bool(info.rejected)
+    p2, s2, _ = jax.jit(opt.step)(params, state, x, y)
+    p3, _, _ = opt.step(params, state, x, y)
+    np.testing.assert_allclose(flat(p3), flat(p2), rtol=1e-6, atol=1e-7)
+    ce = gn.egn(lambda p, xb: xb @ p, loss="softmax_cross_entropy")
+    w = jnp.zeros((x.shape[1], 3))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
+        ce.step(w, ce.init(w), x, np.full(x.shape[0], 3))
+
+
 def test_nonfinite_batch_leaves_params_and_state_unchanged(regression_problem):
     model_fn, params, x, y = regression_problem
     opt = gn.egn(model_fn, loss="squared_error", damping=1e-2, momentum=0.5)

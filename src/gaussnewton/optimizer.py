@@ -25,6 +25,7 @@ when the labels are invalid (METHODS §6).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -250,10 +251,56 @@ class GaussNewtonOptimizer:
         ``key`` (optional) is this step's PRNG key (sampled curvature, a :class:`~gaussnewton.Model`
         that needs one); without it a key is split from the state.
 
+        Called on concrete arrays (outside ``jax.jit``), the step runs compiled all the same: one
+        ``jax.jit`` of it per optimizer object, compiled once per input shape (op-by-op it would
+        dispatch every primitive of the step from Python: about 200x slower on the MLPs of
+        ``benchmarks/bench_gram.py``). Concrete labels are checked by value first and bad ones
+        raise a ``ValueError`` naming them (:meth:`~gaussnewton.Loss.check_labels`). Under a
+        transformation (``jax.jit``, ``vmap``, ``grad``, ``shard_map``) the step is traced inline.
+
         With ``axis_name`` set, call it inside ``jax.shard_map`` with ``x``, ``y`` split over that
         mesh axis and ``params``, ``state`` replicated: losses, gradients, the direction and the
         update are those of the whole batch, identical on every device.
         """
+        if _any_traced((params, state, x, y, key)):
+            return self._step(params, state, x, y, key)
+        self._check_labels(params, state, x, y, key)
+        return self._compiled_step(params, state, x, y, key)
+
+    @functools.cached_property
+    def _compiled_step(self) -> Callable:
+        """``jax.jit`` of :meth:`_step`, made once per optimizer object (kept in its ``__dict__``,
+        left out of copies and pickles: :meth:`__getstate__`)."""
+        return jax.jit(self._step)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in _CACHED}
+
+    def _check_labels(self, params, state, x, y, key) -> None:
+        """The value checks of concrete labels (ValueError), on the output shape of the model
+        (``jax.eval_shape``, cached per input signature): the compiled step sees traced labels,
+        which it can only reject."""
+        sig = _signature((params, state, x, key))
+        shapes = self.__dict__.setdefault("_output_shapes", {})
+        if sig not in shapes:
+
+            def outputs(params, state, x, key):
+                k, _ = self._keys(state, key)
+                fn, _ = self._bind_model(params, x, state.model_state, k)
+                return with_output_axis(fn)(params, x)
+
+            shapes[sig] = jax.eval_shape(outputs, params, state, x, key)
+        self.loss.check_labels(shapes[sig], y)
+
+    def _step(
+        self,
+        params: PyTree,
+        state: GaussNewtonState,
+        x: PyTree,
+        y: jax.Array,
+        key: jax.Array | None = None,
+    ) -> tuple[PyTree, GaussNewtonState, StepInfo]:
+        """:meth:`step` as traced: batch → direction → step size → damping → update."""
         dt = state_dtype(params)
         damping, step_size = self.damping_rule, self.step_size_rule
         key, next_key = self._keys(state, key)
@@ -390,6 +437,20 @@ class GaussNewtonOptimizer:
             return axis.mean(jnp.mean(self.loss.value(f, self.loss.prepare_labels(f, y))))
 
         return loss_at
+
+
+#: per-object caches kept in an optimizer's ``__dict__`` (never pickled)
+_CACHED = ("_compiled_step", "_output_shapes")
+
+
+def _any_traced(tree: PyTree) -> bool:
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
+
+
+def _signature(tree: PyTree) -> tuple:
+    """Tree structure, shapes and dtypes of ``tree``: what a trace of it depends on."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((jnp.shape(a), getattr(a, "dtype", type(a))) for a in leaves)
 
 
 def state_dtype(params: PyTree) -> Any:

@@ -97,6 +97,39 @@ class Loss:
             >>> loss.prepare_labels(jnp.zeros((2, 3)), jnp.array([0, 2])).shape
             (2, 3)
         """
+        labels, weights, active, traced = self._checked(f, y)
+        canonical = jnp.asarray(self._canonical(f, labels))
+        if traced:
+            ok = None
+            for ok_t, _ in self._label_problems(f, labels, jnp):
+                ok = ok_t if ok is None else ok & ok_t
+            if ok is not None:
+                if active is not None:
+                    ok = ok | ~active
+                canonical = jnp.where(_pad_like(ok, canonical), canonical, jnp.nan)
+        if active is not None and jnp.issubdtype(canonical.dtype, jnp.floating):
+            canonical = jnp.where(_pad_like(active, canonical), canonical, 0)
+        return canonical if weights is None else WeightedLabels(canonical, jnp.asarray(weights))
+
+    def check_labels(self, f: Array | jax.ShapeDtypeStruct, y) -> None:
+        """The checks of :meth:`prepare_labels` alone, without building the canonical labels:
+        shapes always, values when ``y`` is concrete (ValueError naming the offending entries).
+        ``f`` may be a ``jax.ShapeDtypeStruct`` of the outputs (only its shape and dtype are read).
+
+        Example:
+            >>> import jax, jax.numpy as jnp, numpy as np
+            >>> import gaussnewton as gn
+            >>> f = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+            >>> gn.get_loss("softmax_cross_entropy").check_labels(f, np.array([0, 3]))
+            Traceback (most recent call last):
+            ...
+            ValueError: loss 'softmax_cross_entropy': labels y are class indices and must lie in [0, 3) (c = 3 outputs); got 3 at index (1,), 1 of 2 tokens. Fix these labels, or mask their tokens out with weight 0 via gaussnewton.losses.WeightedLabels(labels, weights).
+        """
+        self._checked(f, y)
+
+    def _checked(self, f, y):
+        """``(labels, weights, active, traced)`` after the shape checks and, for concrete inputs,
+        the value checks (ValueError)."""
         labels, weights = split_labels(y)
         if f.ndim < 2:
             raise ValueError(
@@ -113,18 +146,7 @@ class Loss:
         active = None if weights is None else weights != 0
         if not traced:
             self._raise_on_bad_labels(f, labels, active)
-        canonical = jnp.asarray(self._canonical(f, labels))
-        if traced:
-            ok = None
-            for ok_t, _ in self._label_problems(f, labels, jnp):
-                ok = ok_t if ok is None else ok & ok_t
-            if ok is not None:
-                if active is not None:
-                    ok = ok | ~active
-                canonical = jnp.where(_pad_like(ok, canonical), canonical, jnp.nan)
-        if active is not None and jnp.issubdtype(canonical.dtype, jnp.floating):
-            canonical = jnp.where(_pad_like(active, canonical), canonical, 0)
-        return canonical if weights is None else WeightedLabels(canonical, jnp.asarray(weights))
+        return labels, weights, active, traced
 
     def _check_weights(self, f: Array, weights, traced: bool) -> Array:
         want = tuple(f.shape[:-1])
