@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gaussnewton as gn
+from gaussnewton import linalg
 
 LAMBDAS = [1e-6, 1e-3, 1.0, 100.0]
 CASES = [
@@ -106,6 +107,38 @@ def test_scalar_output_model_and_convex_loss():
     for lam in (1e-3, 1.0):
         d, _ = _direction(params, x, y, lam, model_fn=mlp, loss=huber, gram="jacobian")
         assert rel_err(flat(d), dense_lm_direction(mlp, params, x, y, huber, lam)[0]) < 1e-8
+
+
+def test_called_without_jit_runs_compiled_and_keeps_label_errors():
+    """``egn_direction`` on concrete arrays traces the model once per configuration and shapes
+    (op by op it would run on every call), gives the jitted direction (float64, 1e-12: the same
+    program), concrete bad labels raise the documented ValueError, and a switch of the solve
+    backend (read at trace time) compiles anew."""
+    params, x, y = _problem("softmax_cross_entropy", 3)
+    calls = []
+
+    def counted(p, xb):
+        calls.append(1)
+        return mlp(p, xb)
+
+    kw = dict(loss="softmax_cross_entropy", damping=1e-2, gram="jacobian")
+    d1, i1 = gn.egn_direction(counted, params, x, y, **kw)
+    n_calls = len(calls)
+    d2, i2 = gn.egn_direction(counted, params, 1.01 * x, y, **kw)
+    assert len(calls) == n_calls
+    d_ref, i_ref = _direction(params, x, y, 1e-2, model_fn=mlp, loss=kw["loss"], gram="jacobian")
+    np.testing.assert_allclose(flat(d1), flat(d_ref), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(i1.loss, i_ref.loss, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
+        gn.egn_direction(counted, params, x, np.full(B, 3), **kw)
+    # settings read at trace time are part of the cache key: a backend switch retraces
+    old = linalg.set_backend("lapack" if linalg.get_backend() == "native" else "native")
+    try:
+        d3, _ = gn.egn_direction(counted, params, x, y, **kw)
+    finally:
+        linalg.set_backend(old)
+    assert len(calls) > n_calls
+    np.testing.assert_allclose(flat(d3), flat(d_ref), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss,c", [("squared_error", 3), ("softmax_cross_entropy", 10)])

@@ -52,6 +52,17 @@ def tree_size(x: PyTree) -> int:
     return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(x))
 
 
+def any_traced(tree: PyTree) -> bool:
+    """Whether a leaf of ``tree`` is a tracer (inside ``jax.jit``, ``vmap``, ``grad``, ...)."""
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
+
+
+def tree_signature(tree: PyTree) -> tuple:
+    """Tree structure, shapes and dtypes of ``tree``: what a trace of it depends on (hashable)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((jnp.shape(a), getattr(a, "dtype", type(a))) for a in leaves)
+
+
 def compute_dtype(*dtypes: Any) -> jnp.dtype:
     """Dtype for Gram matrices and solves: at least float32, float64 when an input is float64."""
     return jnp.result_type(jnp.float32, *dtypes)

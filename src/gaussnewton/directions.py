@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -37,10 +38,12 @@ import jax
 import jax.numpy as jnp
 
 from gaussnewton import _validate as v
+from gaussnewton import linalg
 from gaussnewton._sharding import NO_AXIS, BatchAxis, like_batch, replicate
-from gaussnewton._tree import compute_dtype, tree_norm, tree_vdot
+from gaussnewton._tree import any_traced, compute_dtype, tree_norm, tree_signature, tree_vdot
 from gaussnewton.cg import row_space_cg
 from gaussnewton.gram import as_2d, gram_factors, strategy_name
+from gaussnewton.gram.structured._registry import RULES
 from gaussnewton.linalg import num_tiles, solve_tiled_spd
 from gaussnewton.linearization import linearize, with_output_axis
 from gaussnewton.losses import Loss, LossLike, expand, get_loss, project
@@ -500,6 +503,12 @@ def egn_direction(
     Returns:
         ``(d, info)`` with ``d`` shaped like ``params`` (``params + d`` is the full LM step) and a
         :class:`DirectionInfo`.
+
+    Called on concrete arrays (outside ``jax.jit``) it runs compiled: concrete labels are checked
+    by value (ValueError), then one ``jax.jit`` per configuration (``model_fn``, loss, Gram
+    strategy, curvature, samples, solver; the 32 most recent are kept, with what ``model_fn``
+    holds) runs it. An unhashable configuration runs op by op. Under ``jax.jit`` it is traced
+    inline.
     """
     loss_obj = get_loss(loss)
     if not isinstance(damping, jax.core.Tracer):
@@ -514,7 +523,20 @@ def egn_direction(
     from gaussnewton.solvers import as_solver  # solvers builds on this module
 
     solver_obj = as_solver(solver, max_cg_iters=max_cg_iters, cg_tol=cg_tol)
-    gram = strategy_name(gram)
+    static = (model_fn, loss_obj, strategy_name(gram), curvature, num_samples, solver_obj)
+    args = (params, x, y, damping, key)
+    if not any_traced(args):  # called eagerly: check concrete labels, then run compiled
+        compiled = _compiled_direction(static, _trace_settings())
+        if compiled is not None:
+            loss_obj.check_labels(
+                _output_shape(model_fn, tree_signature((params, x)), params, x), y
+            )
+            return compiled(*args)
+    return _direction(static, *args)
+
+
+def _direction(static: tuple, params, x, y, damping, key) -> tuple[PyTree, DirectionInfo]:
+    model_fn, loss_obj, gram, curvature, num_samples, solver_obj = static
     lin = linearize_and_solve(
         model_fn,
         params,
@@ -536,3 +558,48 @@ def egn_direction(
         directional_derivative=tree_vdot(lin.grad, lin.direction),
     )
     return lin.direction, info
+
+
+def _compiled_direction(static: tuple, settings: tuple) -> Callable | None:
+    """``jax.jit`` of :func:`_direction` for one static configuration (cached: a call with the
+    same model function, loss, Gram strategy and solver, under the same :func:`_trace_settings`,
+    reuses its compilations), or None when the configuration is not hashable (then the call runs
+    op by op)."""
+    try:
+        return _jit_direction(static, settings)
+    except TypeError:  # an unhashable model function, loss or solver
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_direction(static: tuple, settings: tuple) -> Callable:
+    return jax.jit(functools.partial(_direction, static))
+
+
+def _trace_settings() -> tuple:
+    """The module state a trace reads: the solve backend and block sizes of
+    :mod:`gaussnewton.linalg` and the registered Gram rules (a change gives a new compilation)."""
+    return (
+        linalg.get_backend(),
+        linalg.TILE_ROWS,
+        linalg.LEAF_ROWS,
+        linalg.MAX_TILES,
+        tuple((name, id(rule)) for name, rule in RULES.items()),
+    )
+
+
+def _output_shape(model_fn, sig: tuple, params, x) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of ``model_fn(params, x)`` with an output axis (``jax.eval_shape``,
+    cached per model function and input signature ``sig``)."""
+    key = (model_fn, sig)
+    out = _OUTPUT_SHAPES.get(key)
+    if out is None:
+        out = jax.eval_shape(with_output_axis(model_fn), params, x)
+        if len(_OUTPUT_SHAPES) >= 64:
+            _OUTPUT_SHAPES.clear()
+        _OUTPUT_SHAPES[key] = out
+    return out
+
+
+#: ``(model_fn, input signature) -> output shape`` of :func:`_output_shape` (at most 64 entries)
+_OUTPUT_SHAPES: dict = {}

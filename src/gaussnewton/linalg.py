@@ -23,8 +23,9 @@ also change the user's own ``scipy.linalg`` (same library instance), so instead:
   variable ``GAUSSNEWTON_LINALG=lapack`` (read at import) or :func:`set_backend` (read when a
   function is traced). jax caches traces per function object, so call :func:`set_backend` at
   program start, before the first step is traced: a function already traced (``jax.jit(opt.step)``
-  of the same optimizer) keeps the backend of its first trace; build a new optimizer after a
-  switch.
+  of the same optimizer, or ``opt.step`` called without ``jax.jit``, which jits itself) keeps the
+  backend of its first trace; build a new optimizer after a switch. ``egn_direction`` called
+  without ``jax.jit`` keys its compilations on the backend and block sizes.
 
 Example:
     >>> import jax.numpy as jnp
@@ -81,7 +82,8 @@ def set_backend(name: str) -> str:
     """Select how the damped SPD solves run: ``"native"`` (default, ``jax.lax`` only, never calls
     scipy's OpenBLAS) or ``"lapack"`` (jaxlib's LAPACK). Takes effect for functions first traced
     after the call (jax reuses the cached trace of a function traced before, e.g. ``jax.jit`` of
-    the same ``opt.step``: build a new optimizer after switching); returns the previous backend.
+    the same ``opt.step``, or that ``opt.step`` called without ``jax.jit``: build a new optimizer
+    after switching); returns the previous backend.
 
     Example:
         >>> from gaussnewton import linalg

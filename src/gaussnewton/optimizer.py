@@ -35,11 +35,13 @@ import optax
 
 from gaussnewton._sharding import NO_AXIS, BatchAxis
 from gaussnewton._tree import (
+    any_traced,
     tree_all_finite,
     tree_axpy,
     tree_norm,
     tree_scale,
     tree_select,
+    tree_signature,
     tree_vdot,
 )
 from gaussnewton._validate import check_params
@@ -262,7 +264,7 @@ class GaussNewtonOptimizer:
         mesh axis and ``params``, ``state`` replicated: losses, gradients, the direction and the
         update are those of the whole batch, identical on every device.
         """
-        if _any_traced((params, state, x, y, key)):
+        if any_traced((params, state, x, y, key)):
             return self._step(params, state, x, y, key)
         self._check_labels(params, state, x, y, key)
         return self._compiled_step(params, state, x, y, key)
@@ -280,7 +282,7 @@ class GaussNewtonOptimizer:
         """The value checks of concrete labels (ValueError), on the output shape of the model
         (``jax.eval_shape``, cached per input signature): the compiled step sees traced labels,
         which it can only reject."""
-        sig = _signature((params, state, x, key))
+        sig = tree_signature((params, state, x, key))
         shapes = self.__dict__.setdefault("_output_shapes", {})
         if sig not in shapes:
 
@@ -441,16 +443,6 @@ class GaussNewtonOptimizer:
 
 #: per-object caches kept in an optimizer's ``__dict__`` (never pickled)
 _CACHED = ("_compiled_step", "_output_shapes")
-
-
-def _any_traced(tree: PyTree) -> bool:
-    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
-
-
-def _signature(tree: PyTree) -> tuple:
-    """Tree structure, shapes and dtypes of ``tree``: what a trace of it depends on."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((jnp.shape(a), getattr(a, "dtype", type(a))) for a in leaves)
 
 
 def state_dtype(params: PyTree) -> Any:
