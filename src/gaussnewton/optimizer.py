@@ -282,7 +282,7 @@ class GaussNewtonOptimizer:
         """The value checks of concrete labels (ValueError), on the output shape of the model
         (``jax.eval_shape``, cached per input signature): the compiled step sees traced labels,
         which it can only reject."""
-        sig = tree_signature((params, state, x, key))
+        sig = tree_signature((params, x, state.model_state, key))  # what the outputs depend on
         shapes = self.__dict__.setdefault("_output_shapes", {})
         if sig not in shapes:
 
@@ -294,15 +294,9 @@ class GaussNewtonOptimizer:
             shapes[sig] = jax.eval_shape(outputs, params, state, x, key)
         self.loss.check_labels(shapes[sig], y)
 
-    def _step(
-        self,
-        params: PyTree,
-        state: GaussNewtonState,
-        x: PyTree,
-        y: jax.Array,
-        key: jax.Array | None = None,
-    ) -> tuple[PyTree, GaussNewtonState, StepInfo]:
-        """:meth:`step` as traced: batch → direction → step size → damping → update."""
+    def _step(self, params, state, x, y, key=None):
+        """:meth:`step` as traced (the types are those of :meth:`step`): batch → direction → step
+        size → damping → update."""
         dt = state_dtype(params)
         damping, step_size = self.damping_rule, self.step_size_rule
         key, next_key = self._keys(state, key)
