@@ -5,7 +5,8 @@ batch-coupled model, whatever ``"auto"`` does with train-mode batch norm) and ch
 every step decreases the loss of its own function (same batch-norm batch, same dropout mask),
 the loss of one fixed function falls, the running statistics and RNG streams in
 ``opt_state.model_state`` advance once per step, and the rebuilt model in eval / inference mode
-uses the stored statistics (a hand computation). Each jitted ``opt.step`` compiles once.
+uses the stored statistics (a hand computation). Each jitted ``opt.step`` compiles once, and
+``opt.step`` called without ``jax.jit`` gives the jitted steps.
 """
 
 import jax
@@ -135,6 +136,15 @@ def test_nnx_cnn_batchnorm_dropout_trains_and_keeps_statistics():
     initial_stats.eval()
     assert np.array_equal(initial_stats.bn.mean[...], np.zeros(4))
     assert rel_err(initial_stats(x), out) > 1e-3
+
+    # the call a user makes without jax.jit: opt.step runs its own compilation of the same
+    # program, so two steps give the jitted steps' parameters and model state (float64, 1e-12)
+    opt = gn.egn(model_fn, loss="softmax_cross_entropy", gram="matvec")
+    pe, se = p0, s0
+    for p_jit, s_jit in history[1:3]:
+        pe, se, _ = opt.step(pe, se, x, y)
+        for a, b in zip(_leaves((pe, se)), _leaves((p_jit, s_jit)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_nnx_eval_mode_uses_and_keeps_running_statistics():
