@@ -18,9 +18,10 @@ from gaussnewton.linalg import (
 )
 
 
-@pytest.fixture(params=linalg.BACKENDS)
+@pytest.fixture(params=["native", "lapack"])
 def backend(request):
-    """Run a test under each solve backend (read at trace time), restoring the default after."""
+    """Run a test under each solve backend (read at trace time), restoring the default after.
+    ``"auto"`` is ``"native"`` on CPU: test_auto_backend_lowers_per_platform checks that."""
     old = linalg.set_backend(request.param)
     yield request.param
     linalg.set_backend(old)
@@ -147,9 +148,40 @@ def test_native_step_calls_no_lapack():
     """With the default backend the compiled EGN step contains no LAPACK custom call, so scipy's
     OpenBLAS (which jaxlib's LAPACK kernels use) is never entered from the library."""
     step, args = _egn_step()
-    assert linalg.get_backend() == "native"
+    assert linalg.get_backend() == "auto"
     hlo = step.lower(*args).as_text()
     assert "lapack_" not in hlo and "custom_call" not in hlo
+
+
+@pytest.mark.parametrize("loss,c", [("squared_error", 2), ("softmax_cross_entropy", 5)])
+def test_auto_backend_lowers_per_platform(loss, c):
+    """The default backend ``"auto"``, with the tile Cholesky (1000 rows, 3 tiles) and one tile
+    (the regression row space, 200 rows): lowered for CPU it is the native solve (its loops and
+    products, no custom call); lowered for CUDA (``jax.export``, no GPU needed) the factorization
+    is cuSOLVER's ``potrf`` and none of the native column loops remain. Lowering does not depend on
+    this machine having the platform; the CPU module differs from the native one only by the
+    platform switch (``stablehlo.case`` on a constant index, removed by XLA)."""
+    fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]  # noqa: E731
+    p = {"w1": jnp.full((3, 40), 0.1), "w2": jnp.full((40, c), 0.1)}
+    x = jnp.linspace(-1, 1, 600).reshape(200, 3)
+    y = jnp.zeros((200,), jnp.int32) if c == 5 else jnp.zeros((200, c))
+    assert linalg.get_backend() == "auto"
+
+    def lowered(backend: str, platform: str) -> str:
+        old = linalg.set_backend(backend)
+        try:
+            f = jax.jit(lambda p, x, y: gn.egn_direction(fn, p, x, y, loss=loss, damping=1e-3)[0])
+            return jax.export.export(f, platforms=[platform])(p, x, y).mlir_module()
+        finally:
+            linalg.set_backend(old)
+
+    cpu, cuda = lowered("auto", "cpu"), lowered("auto", "cuda")
+    assert "custom_call" not in cpu and cpu.count("stablehlo.while") > 0
+    native = lowered("native", "cpu")  # the same loops and products: only the native branch
+    for op in ("stablehlo.while", "stablehlo.dot_general", "stablehlo.sqrt"):
+        assert cpu.count(op) == native.count(op), op
+    assert "cusolver_potrf" in cuda and "lapack_" not in cuda
+    assert cuda.count("stablehlo.while") == 0
 
 
 def test_user_numpy_unchanged_by_a_step():

@@ -12,16 +12,23 @@ EGN step of 784-256-256-10 exact softmax CE took 25.7 Adam steps with scipy's de
 threads against 11.6 with ``OPENBLAS_NUM_THREADS=1``. Limiting that pool from the library would
 also change the user's own ``scipy.linalg`` (same library instance), so instead:
 
-* **default** (``backend="native"``): every factorization and triangular solve here is written in
-  ``jax.lax`` (a recursive blocked Cholesky that also returns the inverse factor, see
+* **default** (``backend="auto"``): on CPU the ``"native"`` solve, on any other platform (GPU,
+  TPU) the ``"lapack"`` one, which there is the platform's own dense linear algebra (cuSOLVER /
+  hipSOLVER ``potrf``, XLA's triangular solves); chosen when the step is lowered
+  (``jax.lax.platform_dependent``: only the branch of the platform compiled for is lowered, so
+  the CPU program is exactly the native one).
+* ``backend="native"``: every factorization and triangular solve here is written in ``jax.lax``
+  (a recursive blocked Cholesky that also returns the inverse factor, see
   :func:`cholesky_inverse`; leaves of at most :data:`LEAF_ROWS` rows by a column loop), so XLA
   runs all of it on its own threads and scipy's OpenBLAS is never entered. numpy and scipy in the
-  same process keep their thread counts and results.
-* **opt-out** (``backend="lapack"``): jaxlib's LAPACK ``potrf`` (padded, see
-  :func:`padded_size`) and ``trsm``, the behaviour before. Faster per call when OpenBLAS runs one
-  thread (e.g. ``OPENBLAS_NUM_THREADS=1`` set by the user). Select it with the environment
-  variable ``GAUSSNEWTON_LINALG=lapack`` (read at import) or :func:`set_backend` (read when a
-  function is traced). jax caches traces per function object, so call :func:`set_backend` at
+  same process keep their thread counts and results. On a GPU its column loops would launch a few
+  kernels per column: ``auto`` does not use it there.
+* **opt-out** (``backend="lapack"``): ``jax.lax.linalg``'s Cholesky (padded, see
+  :func:`padded_size`) and triangular solves: on CPU jaxlib's LAPACK ``potrf`` and ``trsm``, the
+  behaviour before. Faster per call when OpenBLAS runs one thread (e.g.
+  ``OPENBLAS_NUM_THREADS=1`` set by the user). Select a backend with the environment variable
+  ``GAUSSNEWTON_LINALG=lapack`` (or ``native``; read at import) or :func:`set_backend` (read when
+  a function is traced). jax caches traces per function object, so call :func:`set_backend` at
   program start, before the first step is traced: a function already traced (``jax.jit(opt.step)``
   of the same optimizer, or ``opt.step`` called without ``jax.jit``, which jits itself) keeps the
   backend of its first trace; build a new optimizer after a switch. ``egn_direction`` called
@@ -31,7 +38,7 @@ Example:
     >>> import jax.numpy as jnp
     >>> from gaussnewton import linalg
     >>> linalg.get_backend()
-    'native'
+    'auto'
     >>> x = linalg.solve_damped_spd(jnp.eye(3), 1.0, jnp.ones(3))  # (I + I) x = 1
     >>> [round(float(v), 6) for v in x]
     [0.5, 0.5, 0.5]
@@ -69,9 +76,9 @@ MAX_TILES = 8
 #: 2.40 against 2.75 ms) and its first compile 20-40 % slower (one more while loop per leaf)
 LEAF_ROWS = 80
 #: the solve backends (see the module docstring)
-BACKENDS = ("native", "lapack")
+BACKENDS = ("auto", "native", "lapack")
 
-_backend = os.environ.get("GAUSSNEWTON_LINALG", "native").strip().lower() or "native"
+_backend = os.environ.get("GAUSSNEWTON_LINALG", "auto").strip().lower() or "auto"
 if _backend not in BACKENDS:
     raise ValueError(
         f"GAUSSNEWTON_LINALG={_backend!r} is unknown; use one of {BACKENDS} (or leave it unset)."
@@ -79,11 +86,12 @@ if _backend not in BACKENDS:
 
 
 def set_backend(name: str) -> str:
-    """Select how the damped SPD solves run: ``"native"`` (default, ``jax.lax`` only, never calls
-    scipy's OpenBLAS) or ``"lapack"`` (jaxlib's LAPACK). Takes effect for functions first traced
-    after the call (jax reuses the cached trace of a function traced before, e.g. ``jax.jit`` of
-    the same ``opt.step``, or that ``opt.step`` called without ``jax.jit``: build a new optimizer
-    after switching); returns the previous backend.
+    """Select how the damped SPD solves run: ``"auto"`` (default: ``"native"`` on CPU, the
+    platform's ``potrf`` elsewhere), ``"native"`` (``jax.lax`` only, never calls scipy's OpenBLAS)
+    or ``"lapack"`` (``jax.lax.linalg``: jaxlib's LAPACK on CPU). Takes effect for functions first
+    traced after the call (jax reuses the cached trace of a function traced before, e.g.
+    ``jax.jit`` of the same ``opt.step``, or that ``opt.step`` called without ``jax.jit``: build a
+    new optimizer after switching); returns the previous backend.
 
     Example:
         >>> from gaussnewton import linalg
@@ -99,7 +107,7 @@ def set_backend(name: str) -> str:
 
 
 def get_backend() -> str:
-    """The backend the next traced solve uses (``"native"`` or ``"lapack"``)."""
+    """The backend the next traced solve uses (``"auto"``, ``"native"`` or ``"lapack"``)."""
     return _backend
 
 
@@ -182,16 +190,33 @@ def solve_damped_spd(a: jax.Array, shift: jax.Array, rhs: jax.Array) -> jax.Arra
     non-symmetric cannot break the factorization. ``rhs`` may be ``(n,)`` or ``(n, r)``. A non-PSD
     or singular system gives non-finite values, which the optimizers detect and reject.
 
-    Backend ``"native"`` (default): ``x = L⁻ᵀ (L⁻¹ rhs)`` with ``(L, L⁻¹)`` from
-    :func:`cholesky_inverse`. Backend ``"lapack"``: LAPACK ``potrf`` on the block-diagonal
-    ``diag(A + shift I, I)`` of order :func:`padded_size`, whose solution restricted to the first
-    ``n`` entries is exactly ``x``.
+    Backend ``"native"`` (``"auto"`` on CPU): ``x = L⁻ᵀ (L⁻¹ rhs)`` with ``(L, L⁻¹)`` from
+    :func:`cholesky_inverse`. Backend ``"lapack"`` (``"auto"`` elsewhere): ``potrf`` on the
+    block-diagonal ``diag(A + shift I, I)`` of order :func:`padded_size`, whose solution
+    restricted to the first ``n`` entries is exactly ``x``.
     """
-    n = a.shape[0]
     rhs = rhs.astype(a.dtype)
+    return _by_platform(_solve_native, _solve_factored, a, jnp.asarray(shift, a.dtype), rhs)
+
+
+def _by_platform(native: Callable, factored: Callable, *args):
+    """``native(*args)`` or ``factored(*args)`` (the platform's dense linear algebra) by the
+    backend: under ``"auto"`` chosen when the step is lowered (``jax.lax.platform_dependent``:
+    only the branch of the platform compiled for is lowered), native on CPU."""
     if _backend == "native":
-        _, inv = _shifted_factor(a, shift)
-        return jnp.matmul(inv.T, jnp.matmul(inv, rhs, precision=_HI), precision=_HI)
+        return native(*args)
+    if _backend == "lapack":
+        return factored(*args)
+    return jax.lax.platform_dependent(*args, cpu=native, default=factored)
+
+
+def _solve_native(a: jax.Array, shift: jax.Array, rhs: jax.Array) -> jax.Array:
+    _, inv = _shifted_factor(a, shift)
+    return jnp.matmul(inv.T, jnp.matmul(inv, rhs, precision=_HI), precision=_HI)
+
+
+def _solve_factored(a: jax.Array, shift: jax.Array, rhs: jax.Array) -> jax.Array:
+    n = a.shape[0]
     pad = padded_size(n) - n
     rhs_p = jnp.pad(rhs, ((0, pad),) + ((0, 0),) * (rhs.ndim - 1))
     return cho_solve((_padded_cholesky(a, shift), True), rhs_p)[:n]
@@ -249,16 +274,38 @@ def solve_tiled_spd(
     cores while one diagonal tile is being factored on another, and the upper tiles of a
     symmetric Gram are never computed. On the 2-core CPU here the 1152-row exact-CE system of
     ``benchmarks/bench_gram.py`` (Gram and solve, timed alone) went from 10.2 to 7.0 ms with 4
-    tiles (LAPACK backend, one OpenBLAS thread). Backend ``"native"``: each diagonal tile by
-    :func:`cholesky_inverse`, and the tile triangular solves are products with ``L_kk⁻¹``.
+    tiles (LAPACK backend, one OpenBLAS thread). Backend ``"native"`` (``"auto"`` on CPU): each
+    diagonal tile by :func:`cholesky_inverse`, and the tile triangular solves are products with
+    ``L_kk⁻¹``.
     ``rhs`` is ``(n,)`` or ``(n, r)``; one tile is :func:`solve_damped_spd`.
     """
     nt = len(sizes)
     if nt == 1:
         return solve_damped_spd(block(0, 0), shift, rhs)
-    tiles = {(i, j): block(i, j) for i in range(nt) for j in range(i + 1)}
-    dtype = tiles[0, 0].dtype
-    native = _backend == "native"
+    keys = [(i, j) for i in range(nt) for j in range(i + 1)]
+    tiles = [block(i, j) for i, j in keys]
+    dtype = tiles[0].dtype
+    vec = rhs.ndim == 1
+    b = (rhs[:, None] if vec else rhs).astype(dtype)
+
+    def run(native: bool) -> Callable:
+        return lambda tiles, shift, b: _tiled(
+            dict(zip(keys, tiles, strict=True)), sizes, shift, b, native
+        )
+
+    out = _by_platform(run(True), run(False), tiles, jnp.asarray(shift, dtype), b)
+    return out[:, 0] if vec else out
+
+
+def _tiled(
+    tiles: dict[tuple[int, int], jax.Array],
+    sizes: Sequence[int],
+    shift: jax.Array,
+    b: jax.Array,
+    native: bool,
+) -> jax.Array:
+    """The tile Cholesky and substitutions of :func:`solve_tiled_spd` (``b``: ``(n, r)``)."""
+    nt = len(sizes)
     L: dict[tuple[int, int], jax.Array] = {}
     inv: dict[int, jax.Array] = {}  # L_kk⁻¹ (native backend)
 
@@ -285,8 +332,6 @@ def solve_tiled_spd(
         for i in range(k + 1, nt):
             for j in range(k + 1, i + 1):
                 tiles[i, j] = tiles[i, j] - jnp.matmul(L[i, k], L[j, k].T, precision=_HI)
-    vec = rhs.ndim == 1
-    b = (rhs[:, None] if vec else rhs).astype(dtype)
     starts = [sum(sizes[:i]) for i in range(nt)]
     y = []
     for i in range(nt):  # L y = b
@@ -300,5 +345,4 @@ def solve_tiled_spd(
         for j in range(i + 1, nt):
             r = r - jnp.matmul(L[j, i].T, x[j], precision=_HI)
         x[i] = tri(i, r, True)
-    out = jnp.concatenate(x, axis=0)
-    return out[:, 0] if vec else out
+    return jnp.concatenate(x, axis=0)
