@@ -63,6 +63,17 @@ def tree_signature(tree: PyTree) -> tuple:
     return treedef, tuple((jnp.shape(a), getattr(a, "dtype", type(a))) for a in leaves)
 
 
+def cached_eval_shape(cache: dict, key: Any, fn, *args) -> Any:
+    """``jax.eval_shape(fn, *args)`` kept in ``cache`` under ``key`` (e.g. a
+    :func:`tree_signature` of what the shapes depend on); the cache is emptied at 64 entries."""
+    out = cache.get(key)
+    if out is None:
+        if len(cache) >= 64:
+            cache.clear()
+        out = cache[key] = jax.eval_shape(fn, *args)
+    return out
+
+
 def compute_dtype(*dtypes: Any) -> jnp.dtype:
     """Dtype for Gram matrices and solves: at least float32, float64 when an input is float64."""
     return jnp.result_type(jnp.float32, *dtypes)

@@ -40,7 +40,14 @@ import jax.numpy as jnp
 from gaussnewton import _validate as v
 from gaussnewton import linalg
 from gaussnewton._sharding import NO_AXIS, BatchAxis, like_batch, replicate
-from gaussnewton._tree import any_traced, compute_dtype, tree_norm, tree_signature, tree_vdot
+from gaussnewton._tree import (
+    any_traced,
+    cached_eval_shape,
+    compute_dtype,
+    tree_norm,
+    tree_signature,
+    tree_vdot,
+)
 from gaussnewton.cg import row_space_cg
 from gaussnewton.gram import as_2d, gram_factors, strategy_name
 from gaussnewton.gram.structured._registry import RULES
@@ -528,9 +535,9 @@ def egn_direction(
     if not any_traced(args):  # called eagerly: check concrete labels, then run compiled
         compiled = _compiled_direction(static, _trace_settings())
         if compiled is not None:
-            loss_obj.check_labels(
-                _output_shape(model_fn, tree_signature((params, x)), params, x), y
-            )
+            shape_key = (model_fn, tree_signature((params, x)))
+            f = cached_eval_shape(_OUTPUT_SHAPES, shape_key, with_output_axis(model_fn), params, x)
+            loss_obj.check_labels(f, y)
             return compiled(*args)
     return _direction(static, *args)
 
@@ -588,18 +595,5 @@ def _trace_settings() -> tuple:
     )
 
 
-def _output_shape(model_fn, sig: tuple, params, x) -> jax.ShapeDtypeStruct:
-    """The shape and dtype of ``model_fn(params, x)`` with an output axis (``jax.eval_shape``,
-    cached per model function and input signature ``sig``)."""
-    key = (model_fn, sig)
-    out = _OUTPUT_SHAPES.get(key)
-    if out is None:
-        out = jax.eval_shape(with_output_axis(model_fn), params, x)
-        if len(_OUTPUT_SHAPES) >= 64:
-            _OUTPUT_SHAPES.clear()
-        _OUTPUT_SHAPES[key] = out
-    return out
-
-
-#: ``(model_fn, input signature) -> output shape`` of :func:`_output_shape` (at most 64 entries)
+#: ``(model_fn, input signature) -> output shape`` of eager calls (:func:`cached_eval_shape`)
 _OUTPUT_SHAPES: dict = {}

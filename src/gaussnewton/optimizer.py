@@ -36,6 +36,7 @@ import optax
 from gaussnewton._sharding import NO_AXIS, BatchAxis
 from gaussnewton._tree import (
     any_traced,
+    cached_eval_shape,
     tree_all_finite,
     tree_axpy,
     tree_norm,
@@ -282,17 +283,15 @@ class GaussNewtonOptimizer:
         """The value checks of concrete labels (ValueError), on the output shape of the model
         (``jax.eval_shape``, cached per input signature): the compiled step sees traced labels,
         which it can only reject."""
+
+        def outputs(params, state, x, key):
+            k, _ = self._keys(state, key)
+            fn, _ = self._bind_model(params, x, state.model_state, k)
+            return with_output_axis(fn)(params, x)
+
         sig = tree_signature((params, x, state.model_state, key))  # what the outputs depend on
         shapes = self.__dict__.setdefault("_output_shapes", {})
-        if sig not in shapes:
-
-            def outputs(params, state, x, key):
-                k, _ = self._keys(state, key)
-                fn, _ = self._bind_model(params, x, state.model_state, k)
-                return with_output_axis(fn)(params, x)
-
-            shapes[sig] = jax.eval_shape(outputs, params, state, x, key)
-        self.loss.check_labels(shapes[sig], y)
+        self.loss.check_labels(cached_eval_shape(shapes, sig, outputs, params, state, x, key), y)
 
     def _step(self, params, state, x, y, key=None):
         """:meth:`step` as traced (the types are those of :meth:`step`): batch → direction → step
